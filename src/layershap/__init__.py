@@ -1,0 +1,37 @@
+"""layershap: make a language model smaller by removing the layers that contribute least.
+
+Layers are players in a cooperative game whose utility is the model's quality with only the kept layers;
+a layer's worth is its Shapley value. The public API is imported lazily so that `layershap --version`
+and `--help` stay instant (torch and transformers load on first use).
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "LayershapError": "layershap.errors",
+    "load_model": "layershap.models.load",
+    "architecture_of": "layershap.models.architectures",
+    "num_layers": "layershap.models.layers",
+    "keep_only": "layershap.models.layers",
+    "prune_layers": "layershap.models.layers",
+    "save_pruned": "layershap.models.save",
+    "text_windows": "layershap.data",
+    "TextWindows": "layershap.data",
+    "mean_nll": "layershap.evaluate.perplexity",
+    "perplexity": "layershap.evaluate.perplexity",
+    "LayerGame": "layershap.game",
+    "UTILITIES": "layershap.game",
+    "Plan": "layershap.methods.base",
+    "METHODS": "layershap.methods",
+    "select_layers": "layershap.methods",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'layershap' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from layershap.cli import main
+
+main()

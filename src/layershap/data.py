@@ -1,0 +1,183 @@
+"""Text sources become fixed-length token windows, reproducibly, with calibration and evaluation kept apart.
+
+A source is named one of three ways:
+- a local file: `.txt` (the whole file) or `.jsonl` (the `text` field of every line);
+- a packaged text shipped by the `exllamav3` package (works offline): `wiki`, `c4`, `code`, `tiny`,
+  `technical`, `multilingual`;
+- a Hugging Face dataset, for users who have the hub: `wikitext2`, `ptb`, `hf:c4` (and `hf:wikitext2`, ...).
+
+Each text is tokenized once and cut into non-overlapping slots of `seq_len` tokens. The first half of the
+token stream serves calibration and the second half evaluation, so windows of the two splits never overlap
+even when both come from the same text. `samples` slots are drawn from the split with `seed`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layershap.errors import LayershapError
+
+PACKAGED_TEXTS = {
+    "wiki": "wiki.utf8",
+    "c4": "c4.utf8",
+    "code": "code.utf8",
+    "tiny": "tiny.utf8",
+    "technical": "technical.utf8",
+    "multilingual": "multilingual.utf8",
+}
+PACKAGED_TEXT_PACKAGE = "exllamav3"
+HUB_TEXTS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
+    "ptb": ("ptb_text_only", "penn_treebank", "test", "sentence"),
+    "c4": ("allenai/c4", "en", "validation", "text"),
+}
+SPLITS = ("calibration", "evaluation")
+
+
+@dataclass(frozen=True)
+class TextWindows:
+    """Token windows of one text, as a `[samples, seq_len]` tensor, with where they came from."""
+
+    tokens: torch.Tensor
+    source: str
+    split: str
+    seed: int
+
+    @property
+    def samples(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+    def fingerprint(self) -> str:
+        """Identifies the exact tokens, so cached evaluations are reused only on the same data."""
+        digest = hashlib.sha256(self.tokens.to(torch.int64).cpu().numpy().tobytes())
+        digest.update(str(tuple(self.tokens.shape)).encode())
+        return digest.hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {"source": self.source, "split": self.split, "samples": self.samples, "seq_len": self.seq_len,
+                "seed": self.seed, "fingerprint": self.fingerprint()}
+
+
+def text_windows(source: str, tokenizer, *, samples: int = 8, seq_len: int = 128, seed: int = 0,
+                 split: str = "calibration") -> TextWindows:
+    """Draw `samples` non-overlapping windows of `seq_len` tokens from one half of `source`."""
+    if split not in SPLITS:
+        raise LayershapError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if samples < 1 or seq_len < 2:
+        raise LayershapError(f"need --samples >= 1 and --seq-len >= 2; got {samples} and {seq_len}")
+    ids = tokenize(load_text(source), tokenizer)
+    half = len(ids) // 2
+    region = ids[:half] if split == "calibration" else ids[half:]
+    slots = len(region) // seq_len
+    if slots < samples:
+        raise LayershapError(
+            f"text {source!r} is too short: its {split} half has {len(region)} tokens, room for {slots} "
+            f"windows of {seq_len}, but {samples} were asked for; lower --samples or --seq-len, or give "
+            "a longer text"
+        )
+    chosen = np.sort(np.random.default_rng(seed).choice(slots, size=samples, replace=False))
+    rows = np.stack([region[s * seq_len:(s + 1) * seq_len] for s in chosen])
+    return TextWindows(torch.from_numpy(rows).long(), source, split, seed)
+
+
+def tokenize(text: str, tokenizer) -> np.ndarray:
+    """Token ids of the whole text, without special tokens (windows start mid-text, without BOS).
+
+    Memoised per (text, tokenizer): calibration and evaluation windows of one text share one pass.
+    """
+    key = (hashlib.sha256(text.encode()).hexdigest(), id(tokenizer))
+    hit = _TOKEN_CACHE.get(key)
+    if hit is None:
+        hit = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        if len(_TOKEN_CACHE) > 16:
+            _TOKEN_CACHE.clear()
+        _TOKEN_CACHE[key] = hit
+    return hit
+
+
+_TOKEN_CACHE: dict = {}
+
+
+def load_text(source: str) -> str:
+    """The raw text behind a source name (see the module docstring for the three kinds)."""
+    path = Path(source).expanduser()
+    if path.suffix in (".txt", ".jsonl", ".json") or path.exists() or "/" in source:
+        return _read_local(path, source)
+    if source in PACKAGED_TEXTS:
+        return _read_packaged(source)
+    hub_name = source.removeprefix("hf:")
+    if hub_name in HUB_TEXTS and (source.startswith("hf:") or hub_name not in PACKAGED_TEXTS):
+        return _read_hub(hub_name)
+    raise LayershapError(
+        f"unknown data {source!r}; give a .txt or .jsonl file, a packaged text ({', '.join(PACKAGED_TEXTS)}), "
+        f"or a Hugging Face dataset ({', '.join(sorted({'wikitext2', 'ptb', 'hf:c4'}))})"
+    )
+
+
+def _read_local(path: Path, source: str) -> str:
+    if not path.is_file():
+        raise LayershapError(f"data file {source} does not exist; give an existing .txt or .jsonl file")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise LayershapError(f"{source} line {number} is not valid JSON; each line needs "
+                                     '{"text": "..."}') from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise LayershapError(f'{source} line {number} has no "text" string field')
+            texts.append(record["text"])
+        raw = "\n\n".join(texts)
+    if not raw.strip():
+        raise LayershapError(f"data file {source} is empty; give a file with text in it")
+    return raw
+
+
+@lru_cache(maxsize=8)
+def _read_packaged(name: str) -> str:
+    spec = importlib.util.find_spec(PACKAGED_TEXT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LayershapError(f"packaged text {name!r} needs the {PACKAGED_TEXT_PACKAGE} package: "
+                             f"pip install --no-deps {PACKAGED_TEXT_PACKAGE}")
+    root = Path(list(spec.submodule_search_locations)[0])
+    path = root / "conversion" / "standard_cal_data" / PACKAGED_TEXTS[name]
+    if not path.is_file():
+        raise LayershapError(f"the installed {PACKAGED_TEXT_PACKAGE} has no {path.name}; reinstall it with "
+                             f"pip install --force-reinstall --no-deps {PACKAGED_TEXT_PACKAGE}")
+    return path.read_text(encoding="utf-8")
+
+
+def _read_hub(name: str) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise LayershapError(f"data {name!r} comes from the Hugging Face Hub and needs the datasets package: "
+                             "pip install 'layershap[data]'") from None
+    path, config, split, field = HUB_TEXTS[name]
+    try:
+        if name == "c4":
+            ds = datasets.load_dataset(path, data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                                       split="validation")
+        else:
+            ds = datasets.load_dataset(path, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - any hub failure means the same thing to the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LayershapError(f"could not load {name!r} from the Hugging Face Hub ({first}); without the "
+                             f"hub use a packaged text ({', '.join(PACKAGED_TEXTS)}) or a local file") from None
+    return "\n\n".join(ds[field])

@@ -1,0 +1,73 @@
+"""Where each model family keeps its blocks, and what must follow them when blocks are skipped or removed.
+
+Skipping and removing are the same edit (a shorter block list with a consistent config), so everything that
+differs between families lives in this one table. Adding a family is one `register(...)` line; the tests in
+`tests/test_architectures.py` then check it skips exactly, saves and reloads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from layershap.errors import LayershapError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one model family stores its stack of blocks.
+
+    blocks: dotted path from the `...ForCausalLM` object to the `nn.ModuleList` of blocks.
+    index_attrs: integer attributes inside a block that hold its position (the KV cache and RWKV's
+        rescaling read them), renumbered to the new position.
+    per_layer_config: config lists with one entry per block, sliced with the kept blocks (Qwen2 and Gemma
+        choose masks and RoPE by position from `layer_types`).
+    save_config: config values a pruned checkpoint must carry (RWKV's in-place weight rescaling depends on
+        block positions, so it is switched off).
+    kind: "transformer" or "recurrent"; recurrent models have no attention.
+    """
+
+    name: str
+    blocks: str
+    index_attrs: tuple[str, ...] = ("layer_idx",)
+    per_layer_config: tuple[str, ...] = ("layer_types",)
+    save_config: dict = field(default_factory=dict)
+    kind: str = "transformer"
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(model_type: str, arch: Architecture) -> None:
+    ARCHITECTURES[model_type] = arch
+
+
+for _type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2",
+              "granite", "smollm3", "cohere", "starcoder2", "qwen3_moe", "qwen2_moe", "mixtral", "phi"):
+    register(_type, Architecture(_type, "model.layers", per_layer_config=("layer_types", "no_rope_layers",
+                                                                            "mlp_only_layers")))
+register("gpt2", Architecture("gpt2", "transformer.h"))
+register("opt", Architecture("opt", "model.decoder.layers"))
+register("gpt_neox", Architecture("gpt_neox", "gpt_neox.layers"))
+register("mamba", Architecture("mamba", "backbone.layers", kind="recurrent"))
+register("mamba2", Architecture("mamba2", "backbone.layers", kind="recurrent"))
+register("rwkv", Architecture("rwkv", "rwkv.blocks", index_attrs=("layer_id",), save_config={"rescale_every": 0},
+                              kind="recurrent"))
+
+
+def supported_types() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def architecture_for_type(model_type: str) -> Architecture:
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise LayershapError(
+            f"model type {model_type!r} is not supported; supported: {', '.join(supported_types())}. "
+            "To add one, register where its blocks live in layershap/models/architectures.py"
+        ) from None
+
+
+def architecture_of(model) -> Architecture:
+    """The registry entry for a loaded model (by `config.model_type`)."""
+    return architecture_for_type(model.config.model_type)

