@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny byte-level tokenizer and tiny random models, all built offline in seconds."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import VOCAB, tiny_model  # noqa: E402
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. "
+) * 40
+
+
+def build_tiny_tokenizer(path: Path):
+    """A byte-level BPE tokenizer with VOCAB entries, saved as a transformers tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([SAMPLE_TEXT], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def sample_text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "sample.txt"
+    path.write_text(SAMPLE_TEXT * 4)
+    return path
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+REAL_MODEL_CACHE = Path(os.environ.get("LAYERSHAP_TEST_CACHE", Path(__file__).parents[1] / ".cache" / "tests"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(request, tmp_path, monkeypatch):
+    """Each test gets its own empty cache; tests marked real_model share one, so the embedded default model
+    is converted from GGUF once per machine rather than once per test."""
+    real = request.node.get_closest_marker("real_model") is not None
+    monkeypatch.setenv("LAYERSHAP_CACHE", str(REAL_MODEL_CACHE if real else tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded SmolLM2-135M (30 layers), loaded once for the session."""
+    import layershap
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LAYERSHAP_CACHE", str(REAL_MODEL_CACHE))
+        return layershap.load_model()
