@@ -1,0 +1,89 @@
+"""The public workflows the CLI is built on, each a straight line through the stages.
+
+model -> calibration windows -> method (-> masks -> evaluations -> surrogate -> Shapley) -> plan
+      -> pruned model -> held-out perplexity -> record on disk.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from layershap import __version__
+from layershap.data import text_windows
+from layershap.errors import LayershapError
+from layershap.evaluate.perplexity import perplexity
+from layershap.methods import select_layers
+from layershap.models.layers import normalise_layer_list, num_layers, prune_layers
+from layershap.models.load import model_label
+from layershap.models.save import save_pruned
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 < ratio < 1.0:
+        raise LayershapError(f"--ratio must lie strictly between 0 and 1; got {ratio}")
+
+
+def layers_to_remove(ratio: float, n_layers: int) -> int:
+    """round(ratio * n), refused when that would remove no block or every block."""
+    check_ratio(ratio)
+    k = round(ratio * n_layers)
+    if k < 1:
+        raise LayershapError(f"--ratio {ratio} removes no block of {n_layers} (round({ratio} * {n_layers}) = 0); "
+                             f"use at least {0.5 / n_layers:.3f}")
+    if k >= n_layers:
+        raise LayershapError(f"--ratio {ratio} would remove all {n_layers} blocks; use a smaller ratio")
+    return k
+
+
+def perplexities(model, tokenizer, data: list[str], *, samples: int, seq_len: int, seed: int = 0,
+                 split: str = "evaluation", batch_size: int = 8) -> dict[str, float]:
+    """Perplexity on each named text (its `split` half), windows drawn with `seed`."""
+    windows = {name: text_windows(name, tokenizer, samples=samples, seq_len=seq_len, seed=seed, split=split)
+               for name in data}
+    return {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in windows.items()}
+
+
+def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(), model_name: str | None = None,
+                data: str = "c4", samples: int = 8, seq_len: int = 128, seed: int = 0,
+                eval_data=("wiki",), eval_samples: int = 16, eval_seq_len: int = 256, batch_size: int = 8,
+                **method_options) -> dict:
+    """Choose blocks with `method` on calibration text, remove them, save, and return the record written to
+    `out/layershap.json` (held-out perplexity before and after included)."""
+    n = num_layers(model)
+    k = layers_to_remove(ratio, n)
+    protected = normalise_layer_list(protect, n)
+    if n - len(protected) < k:
+        raise LayershapError(f"--protect keeps {len(protected)} of {n} blocks, leaving {n - len(protected)} "
+                             f"to choose {k} from; protect fewer blocks or lower --ratio")
+    calibration = text_windows(data, tokenizer, samples=samples, seq_len=seq_len, seed=seed, split="calibration")
+    held_out = {name: text_windows(name, tokenizer, samples=eval_samples, seq_len=eval_seq_len, seed=seed,
+                                   split="evaluation") for name in eval_data}
+    before = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
+    started = time.perf_counter()
+    plan = select_layers(method, model, calibration, k, protect=protected, seed=seed, batch_size=batch_size,
+                         **method_options)
+    seconds = time.perf_counter() - started
+    prune_layers(model, plan.remove)
+    after = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
+    record = {
+        "model": model_label(model_name),
+        "model_type": model.config.model_type,
+        "n_layers": n,
+        "removed": plan.remove,
+        "kept": plan.kept,
+        "method": method,
+        "ratio": ratio,
+        "protect": protected,
+        "ppl_before": before,
+        "ppl_after": after,
+        "forward_passes": plan.forward_passes,
+        "seconds": seconds,
+        "scores": plan.scores,
+        "plan": plan.details,
+        "calibration": calibration.describe(),
+        "evaluation": {name: w.describe() for name, w in held_out.items()},
+        "layershap_version": __version__,
+    }
+    save_pruned(model, tokenizer, Path(out), record)
+    return record
