@@ -1,0 +1,1 @@
+"""lm-eval task definitions (YAML) for offline zero-shot evaluation, with their data loaders (utils.py)."""
