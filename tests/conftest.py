@@ -71,3 +71,34 @@ def default_model():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LAYERSHAP_CACHE", str(REAL_MODEL_CACHE))
         return layershap.load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Llama saved with its tokenizer, loadable by `--model DIR`."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def long_text_file(tmp_path_factory):
+    """Enough varied text for a few hundred windows of the tiny tokenizer."""
+    words = SAMPLE_TEXT.split()
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "long.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(30000)))
+    return path
+
+
+def run_cli(args, capsys):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    from layershap.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err

@@ -13,6 +13,7 @@ from layershap import __version__
 from layershap.data import text_windows
 from layershap.errors import LayershapError
 from layershap.evaluate.perplexity import perplexity
+from layershap.io import read_json, write_json
 from layershap.methods import select_layers
 from layershap.models.layers import normalise_layer_list, num_layers, prune_layers
 from layershap.models.load import model_label
@@ -87,3 +88,73 @@ def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(),
     }
     save_pruned(model, tokenizer, Path(out), record)
     return record
+
+
+def estimate_run(model, tokenizer, *, out, settings, model_name: str | None = None, data: str = "c4",
+                 samples: int = 8, seq_len: int = 128, batch_size: int = 8, store=None) -> dict:
+    """Estimate every layer's Shapley value and write `out/shapley.json` and `out/shapley.csv`."""
+    from layershap.estimate import estimate
+    from layershap.game import LayerGame
+    from layershap.store import open_store
+
+    out = Path(out)
+    calibration = text_windows(data, tokenizer, samples=samples, seq_len=seq_len, seed=settings.seed,
+                               split="calibration")
+    game = LayerGame(model, calibration, utility=settings.utility, batch_size=batch_size)
+    with open_store(model, store) as db:
+        _check_run_dir(out, db.model_fp)
+        result = estimate(game, db, settings)
+        store_path = str(db.path)
+    record = {
+        **result.to_dict(),
+        "model": model_label(model_name),
+        "model_fingerprint": db.model_fp,
+        "calibration": calibration.describe(),
+        "store": store_path,
+        "layershap_version": __version__,
+    }
+    write_json(out / "shapley.json", record)
+    lines = ["index,shapley,stderr"] + [f"{e['index']},{e['shapley']:.8g},{e['stderr']:.8g}" for e in record["layers"]]
+    (out / "shapley.csv").write_text("\n".join(lines) + "\n")
+    return record
+
+
+def estimate_dry_run(model, tokenizer, *, settings, data: str = "c4", samples: int = 8, seq_len: int = 128,
+                     batch_size: int = 8, store=None) -> dict:
+    """How many forward passes an estimate would run and roughly how long; evaluates no mask.
+
+    The time per pass comes from earlier evaluations in the store, or else from one timed full pass.
+    """
+    from layershap.estimate import measurement_context, sample_masks
+    from layershap.game import LayerGame
+    from layershap.store import mask_key, open_store
+
+    n = num_layers(model)
+    settings.check(n)
+    calibration = text_windows(data, tokenizer, samples=samples, seq_len=seq_len, seed=settings.seed,
+                               split="calibration")
+    game = LayerGame(model, calibration, utility=settings.utility, batch_size=batch_size)
+    masks = sample_masks(settings, n)
+    with open_store(model, store) as db:
+        known = db.get_many(measurement_context(game), masks)
+        per_layer_pass = db.mean_seconds_per_block(measurement_context(game))
+    todo = [m for m in masks if mask_key(m) not in known]
+    if per_layer_pass is None:
+        started = time.perf_counter()
+        perplexity(model, calibration.tokens, batch_size=batch_size)
+        per_layer_pass = (time.perf_counter() - started) / n
+    seconds = sum(per_layer_pass * max(int(m.sum()), 1) for m in todo)
+    return {"masks": len(masks), "stored": len(masks) - len(todo), "forward_passes": len(todo),
+            "estimated_seconds": seconds}
+
+
+def _check_run_dir(out: Path, model_fp: str) -> None:
+    existing = out / "shapley.json"
+    if existing.is_file():
+        try:
+            previous = read_json(existing).get("model_fingerprint")
+        except ValueError:
+            previous = None
+        if previous not in (None, model_fp):
+            raise LayershapError(f"{out} holds an estimate of another model (fingerprint {previous}); "
+                                 "give another --out")

@@ -41,6 +41,19 @@ EvalData = Annotated[str, typer.Option("--eval-data", help="Comma-separated text
 EvalSamples = Annotated[int, typer.Option("--eval-samples", help="Held-out windows per text.")]
 EvalSeqLen = Annotated[int, typer.Option("--eval-seq-len", help="Tokens per held-out window.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
+Budget = Annotated[Optional[int], typer.Option(help="Masks evaluated on the real model (default 256; paper "
+                                                    "preset 8000).")]
+Preset = Annotated[str, typer.Option(help="default, or paper (the official pipeline: 8000 masks, 10x128 "
+                                          "windows, MLP surrogate, ppl_ratio).")]
+Sampler = Annotated[Optional[str], typer.Option(help="Mask strata: target (around the pruning ratio), "
+                                                     "shapley (every size), paper.")]
+Surrogate = Annotated[Optional[str], typer.Option(help="Surrogate: pairwise, ensemble, linear, paper.")]
+Utility = Annotated[Optional[str], typer.Option(help="Utility of a mask: neg_nll, log_ratio, ppl_ratio.")]
+Paired = Annotated[Optional[bool], typer.Option("--paired/--no-paired", help="Also evaluate the complement of "
+                                                                            "every sampled mask.")]
+Store = Annotated[Optional[Path], typer.Option(help="SQLite evaluation store (default: one per model in "
+                                                    "$LAYERSHAP_CACHE/evaluations).")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print forward passes and rough time; run nothing.")]
 
 
 def _version(value: bool):
@@ -116,27 +129,92 @@ def ppl(model: Model = None, data: Annotated[str, typer.Option(help="Comma-separ
 @app.command()
 def prune(ratio: Annotated[float, typer.Option(help="Fraction of blocks to remove, in (0, 1).")],
           out: Annotated[Path, typer.Option(help="Directory for the pruned model and layershap.json.")],
-          method: Annotated[str, typer.Option(help="Pruning method (see `layershap methods`).")] = "shortgpt",
+          method: Annotated[str, typer.Option(help="Pruning method (see `layershap methods`).")] = "shapley",
           protect: Annotated[Optional[str], typer.Option(help="Blocks never removed, e.g. 0,-1.")] = None,
-          model: Model = None, data: Data = "c4", samples: Samples = 8, seq_len: SeqLen = 128, seed: Seed = 0,
+          budget: Budget = None, preset: Preset = "default", sampler: Sampler = None, surrogate: Surrogate = None,
+          utility: Utility = None, paired: Paired = None, store: Store = None,
+          model: Model = None, data: Data = "c4",
+          samples: Annotated[Optional[int], typer.Option(help="Calibration windows (default 8).")] = None,
+          seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per window (default 128).")]
+          = None, seed: Seed = 0,
           eval_data: EvalData = "wiki", eval_samples: EvalSamples = 16, eval_seq_len: EvalSeqLen = 256,
           batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
           trust_remote_code: TrustRemoteCode = False):
-    """Remove round(ratio * n) blocks chosen by a method, save the model, and measure perplexity before and
-    after."""
-    from layershap.api import check_ratio, prune_model
+    """Remove round(ratio * n) blocks chosen by a method, save the model, and measure held-out perplexity
+    before and after."""
+    from layershap.api import check_ratio, layers_to_remove, prune_model
+    from layershap.methods import get_method
+    from layershap.models.layers import num_layers
 
     check_ratio(ratio)
+    get_method(method)
     loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
+    k = layers_to_remove(ratio, num_layers(loaded))
+    settings, window = _estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
+                                          utility=utility, paired=paired, seed=seed, samples=samples,
+                                          seq_len=seq_len, target_removed=k)
     record = prune_model(loaded, tokenizer, ratio=ratio, method=method, out=out, protect=_ints(protect),
-                         model_name=model, data=data, samples=samples, seq_len=seq_len, seed=seed,
-                         eval_data=_names(eval_data), eval_samples=eval_samples, eval_seq_len=eval_seq_len,
-                         batch_size=batch_size)
+                         model_name=model, data=data, seed=seed, eval_data=_names(eval_data),
+                         eval_samples=eval_samples, eval_seq_len=eval_seq_len, batch_size=batch_size,
+                         settings=settings, store=store, **window)
     typer.echo(f"removed {len(record['removed'])} of {record['n_layers']} blocks: {record['removed']}")
     for name in record["ppl_before"]:
         typer.echo(f"{name} perplexity: {record['ppl_before'][name]:.3f} -> {record['ppl_after'][name]:.3f}")
     typer.echo(f"saved to {out} ({record['forward_passes']} calibration forward passes, "
                f"{record['seconds']:.1f} s to choose)")
+
+
+def _estimate_settings(preset: str, *, budget, sampler, surrogate, utility, paired, seed, target_removed,
+                       samples, seq_len):
+    """Preset values, overridden by whatever the user gave explicitly."""
+    from layershap.estimate import EstimateSettings, preset_settings, with_overrides
+
+    base = preset_settings(preset)
+    window = {"samples": samples if samples is not None else base.pop("samples", 8),
+              "seq_len": seq_len if seq_len is not None else base.pop("seq_len", 128)}
+    base.pop("samples", None), base.pop("seq_len", None)
+    settings = with_overrides(EstimateSettings(**base, seed=seed, target_removed=target_removed), budget=budget,
+                              sampler=sampler, surrogate=surrogate, utility=utility, paired=paired)
+    return settings, window
+
+
+@app.command()
+def estimate(out: Annotated[Path, typer.Option(help="Run directory for shapley.json and shapley.csv.")],
+             budget: Budget = None, preset: Preset = "default", sampler: Sampler = None,
+             surrogate: Surrogate = None, utility: Utility = None, paired: Paired = None,
+             target_ratio: Annotated[Optional[float], typer.Option(
+                 "--target-ratio", help="Pruning ratio the target sampler concentrates on (default 0.25).")] = None,
+             store: Store = None, dry_run: DryRun = False, model: Model = None, data: Data = "c4",
+             samples: Annotated[Optional[int], typer.Option(help="Calibration windows (default 8).")] = None,
+             seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per window (default 128).")]
+             = None, seed: Seed = 0, batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
+             trust_remote_code: TrustRemoteCode = False):
+    """Estimate every layer's Shapley value: sample masks, evaluate them (reusing the store), fit the
+    surrogate, and write shapley.json / shapley.csv."""
+    from layershap.api import check_ratio, estimate_dry_run, estimate_run, layers_to_remove
+    from layershap.models.layers import num_layers
+
+    if target_ratio is not None:
+        check_ratio(target_ratio)
+    loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
+    n = num_layers(loaded)
+    settings, window = _estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
+                                          utility=utility, paired=paired, seed=seed, samples=samples,
+                                          seq_len=seq_len, target_removed=layers_to_remove(target_ratio or 0.25, n))
+    common = dict(settings=settings, data=data, batch_size=batch_size, store=store, **window)
+    if dry_run:
+        plan = estimate_dry_run(loaded, tokenizer, **common)
+        typer.echo(f"would run {plan['forward_passes']} forward passes ({plan['stored']} of {plan['masks']} masks "
+                   f"already stored), about {plan['estimated_seconds'] / 60:.1f} min on this device")
+        return
+    record = estimate_run(loaded, tokenizer, out=out, model_name=model, **common)
+    fit = record["surrogate"]
+    typer.echo(f"{record['evaluations']} masks evaluated, {record['reused']} reused from {record['store']}")
+    typer.echo(f"surrogate {fit['name']}: held-out r2 {fit['r2']:.3f}, spearman {fit['spearman']:.3f} "
+               f"({fit['n_train']} train / {fit['n_holdout']} held out)")
+    order = sorted(record["layers"], key=lambda e: e["shapley"])
+    typer.echo("lowest-valued layers: " + ", ".join(f"{e['index']} ({e['shapley']:.4f})" for e in order[:8]))
+    typer.echo(f"wrote {out / 'shapley.json'} and {out / 'shapley.csv'}")
 
 
 @app.command()

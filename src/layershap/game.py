@@ -24,14 +24,21 @@ DIVERGED_NLL_MARGIN = 20.0
 
 @dataclass(frozen=True)
 class Utility:
-    """Maps a coalition's mean NLL (and the full model's) to the value the game reports."""
+    """Maps a coalition's mean NLL (and the full model's) to the value the game reports, and back.
+
+    inverse: the NLL a utility value stands for, so surrogate predictions can be shown as perplexities.
+    """
 
     name: str
     fn: Callable[[float, float], float]
+    inverse: Callable[[float, float], float]
     description: str
 
     def __call__(self, nll: float, base_nll: float) -> float:
         return float(self.fn(bounded_nll(nll, base_nll), base_nll))
+
+    def nll_of(self, utility: float, base_nll: float) -> float:
+        return float(self.inverse(utility, base_nll))
 
 
 def bounded_nll(nll: float, base_nll: float) -> float:
@@ -48,10 +55,11 @@ def register_utility(utility: Utility) -> None:
 
 
 register_utility(Utility("ppl_ratio", lambda nll, base: math.exp(base - nll),
+                         lambda u, base: base - math.log(max(u, 1e-300)),
                          "full-model perplexity / coalition perplexity (the paper's); in (0, ~1]"))
-register_utility(Utility("neg_nll", lambda nll, base: -nll,
+register_utility(Utility("neg_nll", lambda nll, base: -nll, lambda u, base: -u,
                          "minus the mean token NLL: linear in log-perplexity, keeps resolving broken models"))
-register_utility(Utility("log_ratio", lambda nll, base: base - nll,
+register_utility(Utility("log_ratio", lambda nll, base: base - nll, lambda u, base: base - u,
                          "log(full perplexity / coalition perplexity): neg_nll shifted so the full model is 0"))
 
 

@@ -115,6 +115,13 @@ class EvaluationStore:
             return self._db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
         return self._db.execute("SELECT COUNT(*) FROM evaluations WHERE context = ?", (context,)).fetchone()[0]
 
+    def mean_seconds_per_block(self, context: str) -> float | None:
+        """Average measured seconds per kept block in this context, for run-time estimates."""
+        rows = self._db.execute("SELECT mask, seconds FROM evaluations WHERE context = ? LIMIT 200",
+                                (context,)).fetchall()
+        rates = [seconds / max(mask.count("1"), 1) for mask, seconds in rows]
+        return float(np.mean(rates)) if rates else None
+
     def close(self) -> None:
         self._db.close()
 
@@ -123,3 +130,11 @@ class EvaluationStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def open_store(model, path=None) -> EvaluationStore:
+    """The store for this model: `path` if given, else one file per model fingerprint in the cache."""
+    from layershap.models.layers import num_layers
+
+    fingerprint = model_fingerprint(model)
+    return EvaluationStore(path or default_store_path(fingerprint), model_fp=fingerprint, n_layers=num_layers(model))

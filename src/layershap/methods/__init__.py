@@ -8,11 +8,27 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from layershap.errors import LayershapError
+from layershap.methods.angular import angular
 from layershap.methods.base import Plan
+from layershap.methods.last import last
+from layershap.methods.loo import loo
+from layershap.methods.magnitude import magnitude
+from layershap.methods.random_layers import random_layers
+from layershap.methods.shapley import shapley
 from layershap.methods.shortgpt import shortgpt
+from layershap.methods.sleb import sleb
+from layershap.methods.taylor import taylor
 
 METHODS: dict[str, Callable[..., Plan]] = {
+    "shapley": shapley,
     "shortgpt": shortgpt,
+    "angular": angular,
+    "loo": loo,
+    "taylor": taylor,
+    "sleb": sleb,
+    "magnitude": magnitude,
+    "random": random_layers,
+    "last": last,
 }
 
 

@@ -1,0 +1,164 @@
+"""The cooperative-game estimate, one stage per step: masks -> evaluations -> surrogate -> Shapley values.
+
+masks:        a sampler preset draws keep-masks, stratified by how many layers they keep (seeded; a larger
+              budget extends a smaller one, so reruns only pay for new masks);
+evaluations:  each mask's mean NLL on the calibration windows, from the store when it is there, otherwise
+              from the real model with the dropped blocks skipped, committed to the store at once;
+surrogate:    fitted to the utilities, its held-out fit always reported;
+Shapley:      every layer's value from the surrogate (exact by enumeration up to 20 layers, sampled with a
+              standard error above).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from layershap.errors import LayershapError
+from layershap.game import LayerGame
+from layershap.progress import progress_bar
+from layershap.sampling import get_sampler
+from layershap.shapley import surrogate_shapley
+from layershap.store import EvaluationStore, mask_key
+from layershap.surrogate import held_out_fit, make_surrogate
+
+MIN_BUDGET = 20  # the surrogate's held-out check needs a few masks to hold out and enough left to train
+
+
+@dataclass(frozen=True)
+class EstimateSettings:
+    """Everything that decides an estimate's result; written into every run directory."""
+
+    budget: int = 256
+    sampler: str = "target"
+    surrogate: str = "pairwise"
+    utility: str = "neg_nll"
+    seed: int = 0
+    paired: bool = False
+    target_removed: int | None = None
+    shapley_samples: int = 4096
+    holdout: float = 0.2
+
+    def check(self, n_layers: int) -> None:
+        if self.budget < MIN_BUDGET:
+            raise LayershapError(f"--budget {self.budget} is too small: the surrogate needs at least {MIN_BUDGET} "
+                                 "evaluated masks (and more than the number of layers to be useful)")
+        get_sampler(self.sampler)
+        make_surrogate(self.surrogate, n_layers, self.seed)
+
+
+# The official pipeline (8000 masks, 10 windows of 128 tokens, the MLP surrogate, 20,000 samples per layer).
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "paper": {"budget": 8000, "sampler": "paper", "surrogate": "paper", "utility": "ppl_ratio",
+              "shapley_samples": 20000, "samples": 10, "seq_len": 128},
+}
+
+
+def preset_settings(name: str) -> dict:
+    try:
+        return dict(PRESETS[name])
+    except KeyError:
+        raise LayershapError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}") from None
+
+
+@dataclass
+class Estimate:
+    """Result of one estimate: values per layer, how they were obtained, and what it cost."""
+
+    n_layers: int
+    shapley: np.ndarray
+    stderr: np.ndarray
+    shapley_method: str
+    masks: np.ndarray
+    nlls: np.ndarray
+    utilities: np.ndarray
+    base_nll: float
+    evaluations: int
+    reused: int
+    surrogate_fit: dict
+    settings: EstimateSettings
+    seconds: float
+    surrogate: object = field(repr=False, default=None)
+
+    def to_dict(self) -> dict:
+        return {
+            "n_layers": self.n_layers,
+            "layers": [{"index": i, "shapley": float(v), "stderr": float(s)}
+                       for i, (v, s) in enumerate(zip(self.shapley, self.stderr))],
+            "shapley_method": self.shapley_method,
+            "evaluations": self.evaluations,
+            "reused": self.reused,
+            "masks": len(self.masks),
+            "base_nll": self.base_nll,
+            "surrogate": {"name": self.settings.surrogate, **self.surrogate_fit},
+            "seed": self.settings.seed,
+            "settings": asdict(self.settings),
+            "seconds": self.seconds,
+        }
+
+
+def measurement_context(game: LayerGame) -> str:
+    """What a stored NLL depends on besides the model and the mask: the exact windows and the dtype."""
+    import hashlib
+
+    import torch
+
+    tokens = game.tokens
+    digest = hashlib.sha256(tokens.to(torch.int64).cpu().numpy().tobytes())
+    digest.update(f"{tuple(tokens.shape)}|mean_nll|{next(game.model.parameters()).dtype}".encode())
+    return digest.hexdigest()[:16]
+
+
+def evaluate_masks(game: LayerGame, store: EvaluationStore, masks: np.ndarray, *,
+                   description: str = "evaluating masks") -> tuple[np.ndarray, int, int]:
+    """NLL of every mask, from the store where present, else measured and committed at once.
+
+    Returns (nlls, evaluated now, reused from the store).
+    """
+    context = measurement_context(game)
+    known = store.get_many(context, masks)
+    todo = [i for i, m in enumerate(masks) if mask_key(m) not in known]
+    nlls = np.array([known.get(mask_key(m), np.nan) for m in masks], dtype=float)
+    with progress_bar(len(todo), description) as advance:
+        for i in todo:
+            started = time.perf_counter()
+            nlls[i] = game.nll(masks[i])
+            store.put(context, masks[i], nlls[i], time.perf_counter() - started)
+            advance()
+    return nlls, len(todo), len(masks) - len(todo)
+
+
+def sample_masks(settings: EstimateSettings, n_layers: int) -> np.ndarray:
+    """The full model first (the utility's reference), then the sampler's masks up to the budget."""
+    full = np.ones((1, n_layers), dtype=bool)
+    drawn = get_sampler(settings.sampler).masks(n_layers, settings.budget - 1, target_removed=settings.target_removed,
+                                                seed=settings.seed, paired=settings.paired, exclude=full)
+    return np.concatenate([full, drawn])
+
+
+def estimate(game: LayerGame, store: EvaluationStore, settings: EstimateSettings) -> Estimate:
+    """Run the whole estimate on a game, reusing whatever the store already holds."""
+    started = time.perf_counter()
+    n = game.n_players
+    settings.check(n)
+    if settings.utility != game.utility.name:
+        raise LayershapError(f"the game measures {game.utility.name!r} but the settings ask for {settings.utility!r}")
+    masks = sample_masks(settings, n)
+    nlls, evaluated, reused = evaluate_masks(game, store, masks)
+    base_nll = float(nlls[0])
+    game._base_nll = base_nll
+    utilities = np.array([game.utility(v, base_nll) for v in nlls])
+    fit = held_out_fit(settings.surrogate, masks, utilities, seed=settings.seed, holdout_fraction=settings.holdout)
+    surrogate = make_surrogate(settings.surrogate, n, settings.seed).fit(masks, utilities)
+    result = surrogate_shapley(surrogate, n, samples_per_player=settings.shapley_samples, seed=settings.seed)
+    return Estimate(n_layers=n, shapley=np.asarray(result.values), stderr=np.asarray(result.stderr),
+                    shapley_method=result.method, masks=masks, nlls=nlls, utilities=utilities, base_nll=base_nll,
+                    evaluations=evaluated, reused=reused, surrogate_fit=fit, settings=settings,
+                    seconds=time.perf_counter() - started, surrogate=surrogate)
+
+
+def with_overrides(settings: EstimateSettings, **overrides) -> EstimateSettings:
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
