@@ -11,6 +11,7 @@ Shapley:      every layer's value from the surrogate (exact by enumeration up to
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -19,8 +20,8 @@ import numpy as np
 from layershap.errors import LayershapError
 from layershap.game import LayerGame
 from layershap.progress import progress_bar
-from layershap.sampling import get_sampler
-from layershap.shapley import surrogate_shapley
+from layershap.sampling import get_sampler, iter_stratified_masks
+from layershap.shapley import EXACT_MAX_PLAYERS, shapley_values, surrogate_shapley
 from layershap.store import EvaluationStore, mask_key
 from layershap.surrogate import held_out_fit, make_surrogate
 
@@ -132,11 +133,38 @@ def evaluate_masks(game: LayerGame, store: EvaluationStore, masks: np.ndarray, *
 
 
 def sample_masks(settings: EstimateSettings, n_layers: int) -> np.ndarray:
-    """The full model first (the utility's reference), then the sampler's masks up to the budget."""
+    """The full model first (the utility's reference), then the sampler's masks up to the budget.
+
+    When the budget covers all 2^n coalitions, all of them are taken (the estimate is then exact); when the
+    sampler's strata hold fewer masks than the budget, all of theirs are taken.
+    """
     full = np.ones((1, n_layers), dtype=bool)
-    drawn = get_sampler(settings.sampler).masks(n_layers, settings.budget - 1, target_removed=settings.target_removed,
-                                                seed=settings.seed, paired=settings.paired, exclude=full)
-    return np.concatenate([full, drawn])
+    if n_layers <= 20 and settings.budget >= 2 ** n_layers:
+        every = ((np.arange(2 ** n_layers)[:, None] >> np.arange(n_layers)) & 1).astype(bool)
+        return np.concatenate([full, every[:-1][::-1]])
+    stream = iter_stratified_masks(n_layers, get_sampler(settings.sampler).keep_sizes(n_layers, settings.target_removed),
+                                   seed=settings.seed, paired=settings.paired, exclude=full)
+    drawn = list(itertools.islice(stream, settings.budget - 1))
+    return np.concatenate([full, np.array(drawn, dtype=bool).reshape(-1, n_layers)])
+
+
+class MeasuredOrPredicted:
+    """Value function for the Shapley step: the measured utility where a mask was evaluated, the surrogate's
+    prediction elsewhere. With every coalition measured the estimate is exact, whatever the surrogate."""
+
+    def __init__(self, surrogate, masks: np.ndarray, utilities: np.ndarray):
+        self.surrogate = surrogate
+        self.known = {np.packbits(m).tobytes(): u for m, u in zip(masks, utilities)}
+
+    def __call__(self, masks: np.ndarray) -> np.ndarray:
+        values = self.surrogate.predict(masks)
+        if self.known:
+            packed = np.packbits(masks, axis=1)
+            for row, key in enumerate(map(bytes, packed)):
+                hit = self.known.get(key)
+                if hit is not None:
+                    values[row] = hit
+        return values
 
 
 def estimate(game: LayerGame, store: EvaluationStore, settings: EstimateSettings) -> Estimate:
@@ -153,7 +181,10 @@ def estimate(game: LayerGame, store: EvaluationStore, settings: EstimateSettings
     utilities = np.array([game.utility(v, base_nll) for v in nlls])
     fit = held_out_fit(settings.surrogate, masks, utilities, seed=settings.seed, holdout_fraction=settings.holdout)
     surrogate = make_surrogate(settings.surrogate, n, settings.seed).fit(masks, utilities)
-    result = surrogate_shapley(surrogate, n, samples_per_player=settings.shapley_samples, seed=settings.seed)
+    if n <= EXACT_MAX_PLAYERS:  # enumerate every coalition, measured ones at their measured value
+        result = shapley_values(MeasuredOrPredicted(surrogate, masks, utilities), n, seed=settings.seed)
+    else:
+        result = surrogate_shapley(surrogate, n, samples_per_player=settings.shapley_samples, seed=settings.seed)
     return Estimate(n_layers=n, shapley=np.asarray(result.values), stderr=np.asarray(result.stderr),
                     shapley_method=result.method, masks=masks, nlls=nlls, utilities=utilities, base_nll=base_nll,
                     evaluations=evaluated, reused=reused, surrogate_fit=fit, settings=settings,
