@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import VOCAB, tiny_model  # noqa: E402
+from tiny_models import VOCAB, tiny_model
 
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "

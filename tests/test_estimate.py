@@ -151,11 +151,11 @@ def test_sigkill_mid_run_resumes_to_the_same_result(tiny_model_dir, long_text_fi
     process.wait()
     survived = sqlite3.connect(store).execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
     assert survived >= 5
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True)
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr
     clean = subprocess.run([sys.executable, "-m", "layershap", *map(str, _estimate_args(
         tiny_model_dir, long_text_file, tmp_path / "clean.sqlite", tmp_path / "clean", budget))],
-        env=env, capture_output=True, text=True)
+        env=env, capture_output=True, text=True, check=False)
     assert clean.returncode == 0, clean.stderr
     a = json.loads((tmp_path / "killed" / "shapley.json").read_text())
     b = json.loads((tmp_path / "clean" / "shapley.json").read_text())

@@ -2,10 +2,10 @@ import sqlite3
 
 import numpy as np
 import pytest
+from tiny_models import tiny_model
 
 from layershap.errors import LayershapError
 from layershap.store import EvaluationStore, mask_key, model_fingerprint
-from tiny_models import tiny_model
 
 
 def test_put_get_roundtrip_and_divergence(tmp_path):

@@ -28,7 +28,7 @@ _PUBLIC = {
     "select_layers": "layershap.methods",
 }
 
-__all__ = ["__version__", *_PUBLIC]
+__all__ = ["__version__", *_PUBLIC]  # noqa: PLE0604
 
 
 def __getattr__(name):

