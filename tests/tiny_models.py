@@ -6,8 +6,8 @@ import torch
 import transformers
 
 VOCAB = 320
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 6,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
 
 TINY_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**COMMON),

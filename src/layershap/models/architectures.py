@@ -17,12 +17,22 @@ class Architecture:
     """How one model family stores its stack of blocks.
 
     blocks: dotted path from the `...ForCausalLM` object to the `nn.ModuleList` of blocks.
-    index_attrs: integer attributes inside a block that hold its position (the KV cache and RWKV's
-        rescaling read them), renumbered to the new position.
+    index_attrs: integer attributes inside a block that hold its position (the KV cache, and RWKV's state
+        and its `pre_ln` switch, read them), renumbered to the new position.
     per_layer_config: config lists with one entry per block, sliced with the kept blocks (Qwen2 and Gemma
-        choose masks and RoPE by position from `layer_types`).
-    save_config: config values a pruned checkpoint must carry (RWKV's in-place weight rescaling depends on
-        block positions, so it is switched off).
+        choose masks and RoPE by position from `layer_types`). Read-only ones (Mamba's `layer_types` is a
+        property derived from the layer count) are left alone.
+    boundary_config: config values that are a block index splitting the stack in two (Qwen2's
+        `max_window_layers`: blocks before it use full attention, the rest a sliding window), recounted over
+        the kept blocks, so that a loader that derives `layer_types` from them (older transformers) agrees.
+    first_block_modules: submodules that only the first block owns but that act on the stack's input
+        (RWKV's `pre_ln` normalises the embeddings, and a block runs it when its index is 0); when the
+        first block is skipped or removed they move to the new first block, so the checkpoint keeps them.
+    save_config: config values a model must have before its blocks can be skipped or removed, and that a
+        pruned checkpoint carries. `load_model` sets them right after loading; `keep_only`, `prune_layers`
+        and `save_pruned` refuse a model that lacks them. RWKV with `rescale_every > 0` divides its weights
+        in place by a power of two of each block's position on its first inference pass and halves the
+        hidden state by position, so a shorter stack would be scaled for the wrong positions.
     kind: "transformer" or "recurrent"; recurrent models have no attention.
     """
 
@@ -30,6 +40,8 @@ class Architecture:
     blocks: str
     index_attrs: tuple[str, ...] = ("layer_idx",)
     per_layer_config: tuple[str, ...] = ("layer_types",)
+    boundary_config: tuple[str, ...] = ()
+    first_block_modules: tuple[str, ...] = ()
     save_config: dict = field(default_factory=dict)
     kind: str = "transformer"
 
@@ -43,15 +55,16 @@ def register(model_type: str, arch: Architecture) -> None:
 
 for _type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2",
               "granite", "smollm3", "cohere", "starcoder2", "qwen3_moe", "qwen2_moe", "mixtral", "phi"):
-    register(_type, Architecture(_type, "model.layers", per_layer_config=("layer_types", "no_rope_layers",
-                                                                            "mlp_only_layers")))
+    register(_type, Architecture(_type, "model.layers",
+                                 per_layer_config=("layer_types", "no_rope_layers", "mlp_only_layers"),
+                                 boundary_config=("max_window_layers",)))
 register("gpt2", Architecture("gpt2", "transformer.h"))
 register("opt", Architecture("opt", "model.decoder.layers"))
 register("gpt_neox", Architecture("gpt_neox", "gpt_neox.layers"))
 register("mamba", Architecture("mamba", "backbone.layers", kind="recurrent"))
 register("mamba2", Architecture("mamba2", "backbone.layers", kind="recurrent"))
-register("rwkv", Architecture("rwkv", "rwkv.blocks", index_attrs=("layer_id",), save_config={"rescale_every": 0},
-                              kind="recurrent"))
+register("rwkv", Architecture("rwkv", "rwkv.blocks", index_attrs=("layer_id",), first_block_modules=("pre_ln",),
+                              save_config={"rescale_every": 0}, kind="recurrent"))
 
 
 def supported_types() -> list[str]:

@@ -59,6 +59,7 @@ def keep_only(model, keep) -> Iterator[None]:
     `keep` is a boolean mask over the current blocks or a list of block indices to keep.
     """
     arch = architecture_of(model)
+    check_editable(model, arch)
     parent, attr = _parent_and_attr(model, arch)
     original = getattr(parent, attr)
     kept = kept_indices(keep, len(original))
@@ -80,6 +81,7 @@ def prune_layers(model, remove: Sequence[int]):
     transformers loads.
     """
     arch = architecture_of(model)
+    check_editable(model, arch)
     parent, attr = _parent_and_attr(model, arch)
     original = getattr(parent, attr)
     n = len(original)
@@ -87,9 +89,22 @@ def prune_layers(model, remove: Sequence[int]):
     if len(removed) >= n:
         raise LayershapError(f"cannot remove all {n} layers; remove at most {n - 1}")
     _apply(model, arch, parent, attr, original, [i for i in range(n) if i not in removed])
-    for key, value in arch.save_config.items():
-        setattr(model.config, key, value)
     return model
+
+
+def check_editable(model, arch: Architecture | None = None) -> None:
+    """Refuse a model whose config lacks the values its family needs for a shorter stack to be exact
+    (`Architecture.save_config`; RWKV must not rescale its weights by block position)."""
+    arch = arch or architecture_of(model)
+    for key, want in arch.save_config.items():
+        have = getattr(model.config, key, want)
+        if have != want:
+            raise LayershapError(
+                f"this {arch.name} model has config.{key} = {have!r}, which ties its weights to block "
+                f"positions, so its blocks cannot be skipped or removed exactly; load it with "
+                f"layershap.load_model (which sets {key} = {want!r}), or set model.config.{key} = {want!r} "
+                "before its first forward pass"
+            )
 
 
 def _parent_and_attr(model, arch: Architecture):
@@ -125,6 +140,14 @@ def _apply(model, arch, parent, attr, original, kept: list[int]) -> list:
     setattr(parent, attr, torch.nn.ModuleList([original[i] for i in kept]))
     undo.append(lambda: setattr(parent, attr, original))
 
+    if kept and kept[0] != 0:
+        first = original[kept[0]]
+        for name in arch.first_block_modules:
+            module = original[0]._modules.get(name)
+            if module is not None and name not in first._modules:
+                setattr(first, name, module)
+                undo.append(lambda b=first, k=name: delattr(b, k))
+
     configs = {id(c): c for c in _configs_of(model)}.values()
     for config in configs:
         key = _config_count_key(config)
@@ -138,6 +161,11 @@ def _apply(model, arch, parent, attr, original, kept: list[int]) -> list:
             if isinstance(value, (list, tuple)) and len(value) == n and _is_settable(config, list_key):
                 setattr(config, list_key, type(value)(value[i] for i in kept))
                 undo.append(lambda c=config, k=list_key, v=value: setattr(c, k, v))
+        for bound_key in arch.boundary_config:
+            value = getattr(config, bound_key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n:
+                setattr(config, bound_key, sum(1 for i in kept if i < value))
+                undo.append(lambda c=config, k=bound_key, v=value: setattr(c, k, v))
 
     for new_pos, old_pos in enumerate(kept):
         for module in original[old_pos].modules():

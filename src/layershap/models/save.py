@@ -5,15 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from layershap.io import write_json
-from layershap.models.architectures import architecture_of
+from layershap.models.layers import check_editable
 
 
 def save_pruned(model, tokenizer, out_dir, record: dict | None = None) -> Path:
-    """`save_pretrained` the model and tokenizer into out_dir and write `layershap.json` beside them."""
+    """`save_pretrained` the model and tokenizer into out_dir and write `layershap.json` beside them.
+
+    Refuses (like `prune_layers`) a model whose config lacks its family's `save_config` values: setting them
+    only now could be too late (RWKV rescales its weights in place on its first inference pass).
+    """
+    check_editable(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for key, value in architecture_of(model).save_config.items():
-        setattr(model.config, key, value)
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
