@@ -18,42 +18,36 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import ClickException
 
 from layershap import __version__
+from layershap.cli_options import (
+    BatchSize,
+    Budget,
+    Data,
+    Device,
+    DryRun,
+    Dtype,
+    EvalData,
+    EvalSamples,
+    EvalSeqLen,
+    Model,
+    Paired,
+    Preset,
+    Sampler,
+    Samples,
+    Seed,
+    SeqLen,
+    Store,
+    Surrogate,
+    TrustRemoteCode,
+    Utility,
+)
+from layershap.cli_options import layer_list as _ints
+from layershap.cli_options import load_model_from_options as _load
+from layershap.cli_options import names as _names
 from layershap.errors import LayershapError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Prune whole layers of a language model by their Shapley value.")
 
-# Options shared by several commands.
-Model = Annotated[str | None, typer.Option(
-    "--model", "-m", help="Hugging Face id, local directory, or .gguf file; default: embedded SmolLM2-135M.")]
-Dtype = Annotated[str, typer.Option(help="auto (float32 on CPU, checkpoint dtype on GPU), float32, bfloat16, "
-                                         "float16.")]
-Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the model repo.")]
-Data = Annotated[str, typer.Option(help="Calibration text: .txt/.jsonl file, packaged text (wiki, c4, code, "
-                                        "tiny, technical, multilingual) or hub dataset (wikitext2, ptb, hf:c4).")]
-Samples = Annotated[int, typer.Option(help="Number of calibration windows.")]
-SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per window.")]
-Seed = Annotated[int, typer.Option(help="Seed for window choice, mask sampling and surrogate training.")]
-EvalData = Annotated[str, typer.Option("--eval-data", help="Comma-separated texts for held-out perplexity "
-                                                          "(their evaluation half; never the calibration "
-                                                          "windows).")]
-EvalSamples = Annotated[int, typer.Option("--eval-samples", help="Held-out windows per text.")]
-EvalSeqLen = Annotated[int, typer.Option("--eval-seq-len", help="Tokens per held-out window.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
-Budget = Annotated[int | None, typer.Option(help="Masks evaluated on the real model (default 256; paper "
-                                                    "preset 8000).")]
-Preset = Annotated[str, typer.Option(help="default, or paper (the official pipeline: 8000 masks, 10x128 "
-                                          "windows, MLP surrogate, ppl_ratio).")]
-Sampler = Annotated[str | None, typer.Option(help="Mask strata: target (around the pruning ratio), "
-                                                     "shapley (every size), paper.")]
-Surrogate = Annotated[str | None, typer.Option(help="Surrogate: pairwise, ensemble, linear, paper.")]
-Utility = Annotated[str | None, typer.Option(help="Utility of a mask: neg_nll, log_ratio, ppl_ratio.")]
-Paired = Annotated[bool | None, typer.Option("--paired/--no-paired", help="Also evaluate the complement of "
-                                                                            "every sampled mask.")]
-Store = Annotated[Path | None, typer.Option(help="SQLite evaluation store (default: one per model in "
-                                                    "$LAYERSHAP_CACHE/evaluations).")]
-DryRun = Annotated[bool, typer.Option("--dry-run", help="Print forward passes and rough time; run nothing.")]
 
 
 def _version(value: bool):
@@ -66,28 +60,6 @@ def _version(value: bool):
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                  help="Print the version and exit.")] = False):
     """Prune whole layers of a language model by their Shapley value."""
-
-
-def _load(model, dtype, device, trust_remote_code):
-    from layershap.models.load import load_model
-
-    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-
-
-def _names(csv: str) -> list[str]:
-    names = [part.strip() for part in csv.split(",") if part.strip()]
-    if not names:
-        raise LayershapError("expected at least one name in a comma-separated list")
-    return names
-
-
-def _ints(csv: str | None) -> list[int]:
-    if not csv:
-        return []
-    try:
-        return [int(part) for part in csv.split(",") if part.strip()]
-    except ValueError:
-        raise LayershapError(f"expected comma-separated layer indices such as 0,-1; got {csv!r}") from None
 
 
 @app.command()
@@ -224,6 +196,20 @@ def methods():
 
     for name, fn in METHODS.items():
         typer.echo(f"{name}: {(fn.__module__ and sys.modules[fn.__module__].__doc__ or '').strip().splitlines()[0]}")
+
+
+# Commands that live in modules of their own; each module has `register(app)`.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _register_command_modules() -> None:
+    from importlib import import_module
+
+    for name in COMMAND_MODULES:
+        import_module(name).register(app)
+
+
+_register_command_modules()
 
 
 def _quiet_libraries() -> None:

@@ -92,6 +92,21 @@ def text_windows(source: str, tokenizer, *, samples: int = 8, seq_len: int = 128
     return TextWindows(torch.from_numpy(rows).long(), source, split, seed)
 
 
+def contiguous_windows(source: str, tokenizer, *, samples: int, seq_len: int, start_char: int = 0) -> TextWindows:
+    """The first `samples` back-to-back windows of `seq_len` tokens from character `start_char` on.
+
+    For reproducing published setups ("the first 8 windows of 128 tokens of C4"); `text_windows` is the
+    everyday choice.
+    """
+    text = load_text(source)[start_char:]
+    ids = tokenize(text, tokenizer)
+    if len(ids) < samples * seq_len:
+        raise LayershapError(f"text {source!r} from character {start_char} has {len(ids)} tokens; "
+                             f"{samples} windows of {seq_len} need {samples * seq_len}")
+    rows = ids[:samples * seq_len].reshape(samples, seq_len)
+    return TextWindows(torch.from_numpy(rows.copy()).long(), f"{source}@{start_char}", "contiguous", 0)
+
+
 def tokenize(text: str, tokenizer) -> np.ndarray:
     """Token ids of the whole text, without special tokens (windows start mid-text, without BOS).
 
