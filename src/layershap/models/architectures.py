@@ -34,6 +34,8 @@ class Architecture:
         in place by a power of two of each block's position on its first inference pass and halves the
         hidden state by position, so a shorter stack would be scaled for the wrong positions.
     kind: "transformer" or "recurrent"; recurrent models have no attention.
+    prefix_sharing: whether a cached hidden state may be fed to any block as its input (see
+        `evaluate/prefix.py`); not for RWKV, whose first block also normalises what it is given.
     """
 
     name: str
@@ -44,6 +46,7 @@ class Architecture:
     first_block_modules: tuple[str, ...] = ()
     save_config: dict = field(default_factory=dict)
     kind: str = "transformer"
+    prefix_sharing: bool = True
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -63,7 +66,7 @@ register("opt", Architecture("opt", "model.decoder.layers"))
 register("gpt_neox", Architecture("gpt_neox", "gpt_neox.layers"))
 register("mamba", Architecture("mamba", "backbone.layers", kind="recurrent"))
 register("mamba2", Architecture("mamba2", "backbone.layers", kind="recurrent"))
-register("rwkv", Architecture("rwkv", "rwkv.blocks", index_attrs=("layer_id",), first_block_modules=("pre_ln",),
+register("rwkv", Architecture("rwkv", "rwkv.blocks", index_attrs=("layer_id",), first_block_modules=("pre_ln",), prefix_sharing=False,
                               save_config={"rescale_every": 0}, kind="recurrent"))
 
 
