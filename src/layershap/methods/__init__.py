@@ -14,6 +14,7 @@ from layershap.methods.last import last
 from layershap.methods.loo import loo
 from layershap.methods.magnitude import magnitude
 from layershap.methods.random_layers import random_layers
+from layershap.methods.shapiq_estimators import kadd, kernelshap, permutation, stratified, svarm
 from layershap.methods.shapley import shapley
 from layershap.methods.shortgpt import shortgpt
 from layershap.methods.sleb import sleb
@@ -29,6 +30,11 @@ METHODS: dict[str, Callable[..., Plan]] = {
     "magnitude": magnitude,
     "random": random_layers,
     "last": last,
+    "kernelshap": kernelshap,
+    "permutation": permutation,
+    "stratified": stratified,
+    "svarm": svarm,
+    "kadd": kadd,
 }
 
 
