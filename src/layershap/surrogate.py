@@ -406,4 +406,5 @@ def held_out_fit(surrogate_name: str, masks, y, *, seed: int, holdout_fraction: 
     total = float(((truth - truth.mean()) ** 2).sum())
     r2 = 1.0 - float(((truth - pred) ** 2).sum()) / total if total > 0 else float("nan")
     return {"r2": r2, "spearman": float(spearmanr(truth, pred).statistic),
-            "mae": float(np.abs(truth - pred).mean()), "n_train": len(train), "n_holdout": n_holdout}
+            "mae": float(np.abs(truth - pred).mean()), "n_train": len(train), "n_holdout": n_holdout,
+            "holdout": [{"measured": float(t), "predicted": float(p)} for t, p in zip(truth, pred)]}

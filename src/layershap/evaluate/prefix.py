@@ -115,7 +115,7 @@ class PrefixSharingEvaluator:
         def record_input(module, args, kwargs):
             hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("hidden"))
             row = states[batch_index]
-            for depth in range(0, run[0] + 1):
+            for depth in range(run[0] + 1):
                 row[depth] = hidden
 
         if resume > 0:

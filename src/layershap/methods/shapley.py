@@ -1,20 +1,31 @@
-"""The cooperative-game method: remove the blocks with the lowest Shapley values.
+"""The cooperative-game method: blocks are players, and the plan comes from their Shapley values.
 
-Values come from `layershap.estimate` (stratified masks -> stored evaluations -> surrogate -> Shapley). The
-plan also records the surrogate's predicted calibration perplexity for the pruned model and the measured
-one (one more real pass unless the store already has that mask).
+Values come from `layershap.estimate` (stratified masks -> stored evaluations -> surrogate -> Shapley).
+With `plan="lowest"` (the paper, and `--preset paper`) the k blocks with the lowest values are removed. With
+`plan="search"` (the default) half the budget goes to the estimate and half to measuring, on the real model,
+the k-removal plans the surrogate rates best, seeded with the lowest-value plan; the best measured plan wins
+(`layershap.refine`), and the reported values use every mask measured. The record holds the surrogate's
+predicted and the measured calibration perplexity of the chosen plan.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 
-from layershap.estimate import EstimateSettings, estimate, evaluate_masks
+from layershap.estimate import (
+    MIN_BUDGET,
+    EstimateSettings,
+    estimate,
+    estimate_from_measurements,
+    evaluate_masks,
+)
 from layershap.game import LayerGame
 from layershap.methods.base import Plan, lowest_scoring
+from layershap.refine import refine
 from layershap.store import open_store
 
 
@@ -24,19 +35,31 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
     settings = settings or EstimateSettings(seed=seed, target_removed=k)
     game = LayerGame(model, windows, utility=settings.utility, batch_size=batch_size)
     with open_store(model, store) as db:
-        result = estimate(game, db, settings)
-        remove = lowest_scoring(result.shapley, k, protect)
+        settings.check(game.n_players)
+        if settings.plan == "search":
+            first = estimate(game, db, replace(settings, budget=max(MIN_BUDGET, settings.budget // 2)))
+            refined = refine(game, db, first.masks, first.nlls, k=k, budget=settings.budget,
+                             surrogate=settings.surrogate, seed=settings.seed, protect=protect,
+                             start=[lowest_scoring(first.shapley, k, protect)])
+            result = estimate_from_measurements(game, refined.masks, refined.nlls, settings)
+            result.evaluations, result.reused = first.evaluations + refined.evaluations, first.reused
+            best = refined.best
+            remove = (list(np.flatnonzero(~best)) if best is not None else lowest_scoring(result.shapley, k, protect))
+        else:
+            result = estimate(game, db, settings)
+            remove = lowest_scoring(result.shapley, k, protect)
         mask = np.ones(game.n_players, dtype=bool)
         mask[remove] = False
         (measured_nll,), evaluated, _ = evaluate_masks(game, db, mask[None], description="checking the plan")
     predicted_nll = game.utility.nll_of(result.surrogate.predict(mask[None])[0], result.base_nll)
     details = {
         "estimate": result.to_dict(),
+        "plan": settings.plan,
         "predicted_calibration_ppl": _ppl(predicted_nll),
         "measured_calibration_ppl": _ppl(measured_nll),
         "dense_calibration_ppl": _ppl(result.base_nll),
     }
-    return Plan("shapley", game.n_players, remove, result.shapley.tolist(),
+    return Plan("shapley", game.n_players, [int(i) for i in remove], result.shapley.tolist(),
                 forward_passes=result.evaluations + evaluated, seconds=time.perf_counter() - started,
                 details=details)
 

