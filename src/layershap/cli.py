@@ -66,7 +66,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 @app.command()
 def layers(model: Model = None, dtype: Dtype = "auto", device: Device = "auto",
-           trust_remote_code: TrustRemoteCode = False):
+           trust_remote_code: TrustRemoteCode = False, config: ConfigOption = None):
     """Show the model's architecture and how many blocks it has."""
     from layershap.models.architectures import architecture_of
     from layershap.models.layers import num_layers
@@ -84,7 +84,8 @@ def ppl(model: Model = None, data: Annotated[str, typer.Option(help="Comma-separ
             help="Which half of each text: evaluation or calibration.")] = "evaluation",
         seed: Seed = 0, batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
         trust_remote_code: TrustRemoteCode = False,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+        config: ConfigOption = None):
     """Perplexity of a model on one or more texts."""
     from layershap.api import perplexities
 
@@ -211,7 +212,7 @@ def estimate(ctx: typer.Context,
 
 
 @app.command()
-def methods():
+def methods(config: ConfigOption = None):
     """List the pruning methods."""
     from layershap.methods import METHODS
 

@@ -35,6 +35,7 @@ from layershap.cli_options import (
 from layershap.cli_options import layer_list as _ints
 from layershap.cli_options import load_model_from_options as _load
 from layershap.cli_options import names as _names
+from layershap.config import ConfigOption
 from layershap.errors import LayershapError
 
 DEFAULT_METHODS = "shapley,shortgpt,angular,loo,sleb,taylor,magnitude,random,last"
@@ -99,7 +100,7 @@ def compare(ratios: Annotated[str, typer.Option(help="Comma-separated fractions 
             = None, seed: Seed = 0,
             eval_data: EvalData = "wiki", eval_samples: EvalSamples = 16, eval_seq_len: EvalSeqLen = 256,
             batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
-            trust_remote_code: TrustRemoteCode = False):
+            trust_remote_code: TrustRemoteCode = False, config: ConfigOption = None):
     """Compare pruning methods: per method and ratio, removed blocks, held-out perplexity, zero-shot average
     (with --tasks), forward passes and time spent choosing; writes compare.json/.csv/.md and a plot."""
     from layershap.cli import _estimate_settings
@@ -133,7 +134,7 @@ def compare(ratios: Annotated[str, typer.Option(help="Comma-separated fractions 
 def eval_command(tasks: Tasks = "piqa,hellaswag,winogrande,arc_easy,arc_challenge",
                  limit: Limit = None, hub: Hub = False, model: Model = None, batch_size: BatchSize = 8, seed: Seed = 0,
                  dtype: Dtype = "auto", device: Device = "auto", trust_remote_code: TrustRemoteCode = False,
-                 as_json: AsJson = False):
+                 as_json: AsJson = False, config: ConfigOption = None):
     """Zero-shot accuracy (acc, acc_norm and their averages) through lm-evaluation-harness."""
     from layershap.evaluate.zeroshot import zero_shot
 
@@ -166,7 +167,8 @@ def bench_command(model: Model = None,
                   repeats: Annotated[int, typer.Option(help="Timed runs (the median is reported).")] = 3,
                   warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
                   seed: Seed = 0, dtype: Dtype = "auto", device: Device = "auto",
-                  trust_remote_code: TrustRemoteCode = False, as_json: AsJson = False):
+                  trust_remote_code: TrustRemoteCode = False, as_json: AsJson = False,
+                  config: ConfigOption = None):
     """Latency, throughput, parameters, size on disk and peak memory, side by side with --baseline."""
     import gc
 
