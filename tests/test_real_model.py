@@ -55,3 +55,20 @@ def test_estimate_and_prune_shapley_on_the_default_model(capsys, tmp_path):
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     assert reloaded.config.num_hidden_layers == 24
+
+
+def test_compare_on_the_default_model(capsys, tmp_path):
+    out = tmp_path / "cmp"
+    code, _stdout, err = run_cli(["compare", "--ratios", "0.2", "--methods", "shortgpt,last", "--out", out,
+                                 "--samples", "2", "--seq-len", "64", "--eval-data", "wiki,code",
+                                 "--eval-samples", "2", "--eval-seq-len", "64"], capsys)
+    assert code == 0, err
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert next(row["method"] for row in rows) == "dense" or rows[0]["ratio"] == 0
+    by_method = {row["method"]: row for row in rows if row["ratio"] > 0}
+    assert set(by_method) == {"shortgpt", "last"}
+    assert by_method["last"]["removed"] == list(range(23, 29))
+    for row in by_method.values():
+        assert set(row["ppl"]) == {"wiki", "code"} and len(row["removed"]) == 6
+        assert row["ppl"]["wiki"] > rows[0]["ppl"]["wiki"]
+    assert (out / "compare.md").is_file() and (out / "compare.png").is_file()

@@ -21,6 +21,7 @@ from layershap.cli_options import (
 )
 from layershap.cli_options import load_model_from_options as _load
 from layershap.cli_options import names as _names
+from layershap.config import ConfigOption
 
 Scheme = Annotated[str, typer.Option(help="int8 (weight-only, per row) or int4 (weight-only, groups of 32 on "
                                           "CPU; tinygemm on CUDA with bfloat16).")]
@@ -29,7 +30,7 @@ Scheme = Annotated[str, typer.Option(help="int8 (weight-only, per row) or int4 (
 def quantize(scheme: Scheme, out: Annotated[Path, typer.Option(help="Directory for the quantized model.")],
              model: Model = None, eval_data: EvalData = "wiki", eval_samples: EvalSamples = 16,
              eval_seq_len: EvalSeqLen = 256, seed: Seed = 0, batch_size: BatchSize = 8, dtype: Dtype = "auto",
-             device: Device = "auto", trust_remote_code: TrustRemoteCode = False):
+             device: Device = "auto", trust_remote_code: TrustRemoteCode = False, config: ConfigOption = None):
     """Quantize a model's linear weights with torchao, measure held-out perplexity before and after, and save
     it so that plain transformers (with torchao) reloads it."""
     from layershap.models.load import resolve_device
@@ -59,7 +60,7 @@ def heal(out: Annotated[Path, typer.Option(help="Directory for the healed model.
          seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training window.")] = 128,
          model: Model = None, data: Data = "c4", eval_data: EvalData = "wiki", eval_samples: EvalSamples = 16,
          eval_seq_len: EvalSeqLen = 256, seed: Seed = 0, dtype: Dtype = "auto", device: Device = "auto",
-         trust_remote_code: TrustRemoteCode = False):
+         trust_remote_code: TrustRemoteCode = False, config: ConfigOption = None):
     """LoRA fine-tune on calibration text, merge the adapters into the weights, save a plain model, and
     report held-out perplexity before and after."""
     from layershap.heal import check_heal_options, check_trainable, heal_run
