@@ -4,7 +4,7 @@ Measures `--budget` masks of the target strata around k removed blocks, then rep
 Spearman correlation of every surrogate under every utility, averaged over three splits. The choice of the
 defaults (`neg_nll`, `pairwise`) in docs/method.md comes from this table.
 
-    python benchmarks/surrogates.py --budget 96 --k 7 --json surrogates.json
+    python benchmarks/surrogates.py --budget 94 --k 7 --json surrogates.json
 """
 
 from __future__ import annotations
