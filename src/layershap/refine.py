@@ -39,10 +39,8 @@ def refine(game: LayerGame, store: EvaluationStore, masks: np.ndarray, nlls: np.
     while len(masks) < budget:
         utilities = np.array([game.utility(v, base) for v in nlls])
         model = make_surrogate(surrogate, n, seed).fit(masks, utilities)
-        seen = {m.tobytes() for m in masks}
-        wanted = min(per_round, budget - len(masks))
-        candidates = [c for c in top_removal_masks(model.predict, n, k, protect=protect, count=4 * wanted + 8,
-                                                   start=start) if c.tobytes() not in seen][:wanted]
+        candidates = _unmeasured_top_plans(model.predict, masks, n, k, protect, start,
+                                           wanted=min(per_round, budget - len(masks)))
         if not candidates:
             break
         new, evaluated, _ = evaluate_masks(game, store, np.array(candidates), description=f"refining (round {rounds + 1})")
@@ -51,6 +49,21 @@ def refine(game: LayerGame, store: EvaluationStore, masks: np.ndarray, nlls: np.
         evaluations += evaluated
         rounds += 1
     return Refinement(masks, nlls, best_measured(masks, nlls, k, protect, base), evaluations, rounds)
+
+
+def _unmeasured_top_plans(predict, masks, n, k, protect, start, *, wanted: int) -> list[np.ndarray]:
+    """The best-predicted k-removal plans not measured yet; the beam widens until enough are found (the
+    top of a narrow beam is soon all measured, and the budget should still be spent near the optimum)."""
+    seen = {m.tobytes() for m in masks}
+    beam, found = 16, []
+    while beam <= 1024:
+        ranked = top_removal_masks(predict, n, k, protect=protect, beam=beam, count=beam + len(start) + wanted,
+                                   start=start)
+        found = [c for c in ranked if c.tobytes() not in seen][:wanted]
+        if len(found) == wanted:
+            break
+        beam *= 4
+    return found
 
 
 def best_measured(masks: np.ndarray, nlls: np.ndarray, k: int, protect, base_nll: float) -> np.ndarray | None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 Predict = Callable[[np.ndarray], np.ndarray]
+POLISHED = 32  # beam members (best first) that the swap search refines; every start plan is refined too
 
 
 def top_removal_masks(predict: Predict, n: int, k: int, *, protect: Sequence[int] = (), beam: int = 16,
@@ -40,7 +41,8 @@ def top_removal_masks(predict: Predict, n: int, k: int, *, protect: Sequence[int
         mask = np.ones(n, dtype=bool)
         mask[list(removal)] = False
         frontier.append(mask)
-    polished = {m.tobytes(): m for m in (_swap_search(predict, m, allowed) for m in frontier)}
+    polished = {m.tobytes(): m for m in (_swap_search(predict, m, allowed)
+                                         for m in frontier[:POLISHED] + frontier[len(frontier) - len(start):])}
     candidates = {**{m.tobytes(): m for m in frontier}, **polished}
     pool = np.array(list(candidates.values()))
     order = np.argsort(-predict(pool), kind="stable")
