@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -175,3 +176,18 @@ def test_budget_refused_before_any_work(capsys, tiny_model_dir, long_text_file, 
     code, _, err = run_cli(["compare", "--methods", "last,svarm", "--budget", "5", *common], capsys)
     _one_line_error(code, err, "--budget 5 is too small for svarm on 6 blocks")
     assert not (tmp_path / "o" / "compare.json").exists()
+
+
+def test_compare_includes_quantized_variants(tiny_model_dir, long_text_file, tmp_path, capsys):
+    pytest.importorskip("torchao")
+    out = tmp_path / "cmpq"
+    code, _, err = run_cli(["compare", "--model", tiny_model_dir, "--data", long_text_file, "--eval-data",
+                            long_text_file, "--ratios", "0.34", "--methods", "shortgpt", "--quantize", "int8",
+                            "--samples", "2", "--seq-len", "16", "--eval-samples", "2", "--eval-seq-len", "16",
+                            "--out", out], capsys)
+    assert code == 0, err
+    rows = {row["method"]: row for row in json.loads((out / "compare.json").read_text())["rows"]}
+    assert set(rows) == {"dense", "dense+int8", "shortgpt", "shortgpt+int8"}
+    assert rows["shortgpt+int8"]["removed"] == rows["shortgpt"]["removed"]
+    assert rows["shortgpt+int8"]["weight_bytes"] < rows["dense+int8"]["weight_bytes"]
+    assert all(math.isfinite(v) for row in rows.values() for v in row["ppl"].values())

@@ -100,7 +100,9 @@ def compare(ratios: Annotated[str, typer.Option(help="Comma-separated fractions 
             = None, seed: Seed = 0,
             eval_data: EvalData = "wiki", eval_samples: EvalSamples = 16, eval_seq_len: EvalSeqLen = 256,
             batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
-            trust_remote_code: TrustRemoteCode = False, config: ConfigOption = None):
+            trust_remote_code: TrustRemoteCode = False, config: ConfigOption = None,
+            quantize: Annotated[str | None, typer.Option(help="Also measure every plan pruned and quantized with "
+                                                              "these torchao schemes, e.g. int8,int4.")] = None):
     """Compare pruning methods: per method and ratio, removed blocks, held-out perplexity, zero-shot average
     (with --tasks), forward passes and time spent choosing; writes compare.json/.csv/.md and a plot."""
     from layershap.cli import _estimate_settings
@@ -114,6 +116,13 @@ def compare(ratios: Annotated[str, typer.Option(help="Comma-separated fractions 
         _check_tasks(task_list, limit, hub)
     eval_names = _names(eval_data)
     protect_list = _ints(protect)
+    schemes = _names(quantize) if quantize else []
+    if schemes:
+        from layershap.models.load import resolve_device
+        from layershap.quantize import check_scheme
+
+        for scheme in schemes:
+            check_scheme(scheme, resolve_device(device))
     settings, window = _estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
                                           utility=utility, paired=paired, seed=seed, samples=samples,
                                           seq_len=seq_len, target_removed=None)
@@ -123,7 +132,7 @@ def compare(ratios: Annotated[str, typer.Option(help="Comma-separated fractions 
                              seed=seed, batch_size=batch_size, tasks=task_list, limit=limit,
                              offline=False if hub else None, settings=settings,
                              store=store, protect=protect_list, model_name=model, out=out,
-                             log=lambda line: typer.echo(line, err=True), **window)
+                             log=lambda line: typer.echo(line, err=True), quantize=schemes, **window)
     typer.echo(markdown_table(record))
     for note in record.get("notes", []):
         typer.echo(note, err=True)

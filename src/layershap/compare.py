@@ -17,6 +17,7 @@ import io
 import math
 import time
 from collections.abc import Callable, Sequence
+from copy import deepcopy
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from layershap.errors import LayershapError
 from layershap.evaluate.perplexity import perplexity
 from layershap.io import write_json
 from layershap.methods import get_method, select_layers
-from layershap.models.layers import block_list, keep_only, normalise_layer_list, num_layers
+from layershap.models.layers import block_list, keep_only, normalise_layer_list, num_layers, prune_layers
 from layershap.models.load import model_label
 
 DENSE = "dense"
@@ -107,14 +108,15 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
                     eval_samples: int = 16, eval_seq_len: int = 256, seed: int = 0, batch_size: int = 8,
                     tasks: Sequence[str] | None = None, limit: int | None = None, settings=None, store=None,
                     offline: bool | None = None, protect: Sequence[int] = (), model_name: str | None = None,
-                    out=None,
+                    out=None, quantize: Sequence[str] = (),
                     log: Callable[[str], None] | None = None) -> dict:
     """Run every method at every ratio on `model` (left unmodified) and measure each plan.
 
     settings: an `EstimateSettings` for the shapley method (its `target_removed` is set per ratio) and the
     budget of the shapiq estimators. offline: passed to `zero_shot` (None: offline data when installed). out: when given, the result is written there after every row (see
     `write_compare`), so an interrupted comparison keeps what it had measured. log: called with one line per
-    finished row.
+    finished row. quantize: torchao schemes (int8, int4); every plan, and the dense model, is then also
+    measured pruned and quantized, as rows named `METHOD+SCHEME` with `weight_bytes`.
 
     Returns {"rows": [...], ...}: the dense row first (method "dense", ratio 0), then one row per method and
     ratio with `method`, `ratio`, `k`, `removed`, `kept`, `ppl` ({eval text: perplexity}), `forward_passes`
@@ -135,6 +137,12 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
                              f"choose {max(ks.values())} from; protect fewer blocks or lower --ratios")
     check_gradients(model, methods)
     check_budgets(methods, settings, n)
+    quantize = list(dict.fromkeys(quantize))
+    if quantize:
+        from layershap.quantize import check_quantizable
+
+        for scheme in quantize:
+            check_quantizable(model, scheme)
 
     calibration = text_windows(data, tokenizer, samples=samples, seq_len=seq_len, seed=seed, split="calibration")
     held_out = {name: text_windows(name, tokenizer, samples=eval_samples, seq_len=eval_seq_len, seed=seed,
@@ -160,18 +168,29 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
         "layershap_version": __version__,
     }
 
-    def measure(mask) -> dict:
+    def measure(mask, target=model) -> dict:
         row: dict = {}
-        with keep_only(model, mask):
-            row["ppl"] = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
+        with keep_only(target, mask):
+            row["ppl"] = {name: perplexity(target, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
             if tasks:
                 from layershap.evaluate.zeroshot import zero_shot
 
-                scores = zero_shot(model, tokenizer, tasks, limit=limit, batch_size=batch_size, seed=seed,
+                scores = zero_shot(target, tokenizer, tasks, limit=limit, batch_size=batch_size, seed=seed,
                                    offline=offline)
                 row["zero_shot"] = scores
                 row["zero_shot_average"] = scores["average"]
         return row
+
+    def add_quantized(row: dict) -> None:
+        """The same plan removed for good from a copy of the model, then quantized with each scheme."""
+        from layershap.quantize import quantize_model, weight_bytes
+
+        for scheme in quantize:
+            copy = prune_layers(deepcopy(model), row["removed"])
+            quantize_model(copy, scheme)
+            add({**row, "method": f"{row['method']}+{scheme}", "quantization": scheme,
+                 **measure(np.ones(len(row["kept"]), dtype=bool), copy), "weight_bytes": weight_bytes(copy)})
+            del copy
 
     def add(row: dict) -> None:
         record["rows"].append(row)
@@ -183,8 +202,10 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
             log(f"{row['method']} at ratio {row['ratio']}: removed {row['removed']}; perplexity {ppl}")
 
     full = np.ones(n, dtype=bool)
-    add({"method": DENSE, "ratio": 0.0, "k": 0, "removed": [], "kept": list(range(n)), **measure(full),
-         "forward_passes": 0, "seconds": 0.0, "scores": None, "details": {}})
+    dense = {"method": DENSE, "ratio": 0.0, "k": 0, "removed": [], "kept": list(range(n)), **measure(full),
+             "forward_passes": 0, "seconds": 0.0, "scores": None, "details": {}}
+    add(dense)
+    add_quantized(dense)
     for method in methods:
         for ratio in ratios:
             k = ks[ratio]
@@ -196,9 +217,11 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
             seconds = time.perf_counter() - chosen
             mask = full.copy()
             mask[plan.remove] = False
-            add({"method": method, "ratio": ratio, "k": k, "removed": list(plan.remove), "kept": plan.kept,
-                 **measure(mask), "forward_passes": plan.forward_passes, "seconds": seconds,
-                 "scores": plan.scores, "details": plan.details})
+            row = {"method": method, "ratio": ratio, "k": k, "removed": list(plan.remove), "kept": plan.kept,
+                   **measure(mask), "forward_passes": plan.forward_passes, "seconds": seconds,
+                   "scores": plan.scores, "details": plan.details}
+            add(row)
+            add_quantized(row)
     if out is not None:
         write_compare(record, out)
     return record
