@@ -90,7 +90,8 @@ def test_estimate_report(capsys, estimate_run):
         assert png.startswith(PNG_MAGIC) and (estimate_run / PNG_FILES[key]).read_bytes() == png
     assert not (estimate_run / PNG_FILES["ppl"]).exists()
     assert 'id="table-main"' in page and page.count("<tr>") >= 6 + 1
-    assert "holdout" in page  # says what the surrogate record lacks
+    fit = json.loads((estimate_run / "shapley.json").read_text())["surrogate"]
+    assert len(fit["holdout"]) == fit["n_holdout"]  # the surrogate plot is drawn from these predictions
     assert "no held-out perplexity" in page
     assert "layershap estimate --config" in page and "transformers" in page and "--budget 20" in page
 
