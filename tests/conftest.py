@@ -56,6 +56,21 @@ REAL_MODEL_CACHE = Path(os.environ.get("LAYERSHAP_TEST_CACHE", Path(__file__).pa
 
 
 @pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Tiny models run fastest on one thread (and several thrash when other processes share the cores); the
+    real 135M model keeps torch's default."""
+    if request.node.get_closest_marker("real_model") is not None:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(request, tmp_path, monkeypatch):
     """Each test gets its own empty cache; tests marked real_model share one, so the embedded default model
     is converted from GGUF once per machine rather than once per test."""

@@ -35,14 +35,6 @@ SEQ = 20  # longer than the tiny configs' sliding_window of 8
 INDEX_ATTRS = ("layer_idx", "layer_id")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models are tiny: one thread is fastest, and several thrash when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def editable_model(family: str):
     """A tiny model with its family's required config values set before any forward pass, as load_model does

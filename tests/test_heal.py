@@ -20,14 +20,6 @@ from layershap.models.save import save_pruned
 pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train 100x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _one_line_error(code, err, pattern):
     lines = [line for line in err.splitlines() if line.strip()]

@@ -25,14 +25,6 @@ from layershap.quantize import (
 pytest.importorskip("torchao")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and several thrash when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _ids(batch: int = 2) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, 24), generator=torch.Generator().manual_seed(3))

@@ -20,13 +20,6 @@ FAMILIES = ["mamba", "mamba2", "rwkv"]
 WINDOWS = ["--samples", 2, "--seq-len", 16]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def recurrent_dir(request, tmp_path_factory, tiny_tokenizer):

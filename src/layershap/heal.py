@@ -144,12 +144,9 @@ def heal_run(model, tokenizer, *, out, steps: int, model_name: str | None = None
              eval_seq_len: int = 256) -> dict:
     """Heal a loaded model on the calibration half of `data`, measure held-out perplexity before and after,
     and save the merged model to `out` with `layershap.json` (the source's record, if any, plus `heal`)."""
-    from layershap import __version__
     from layershap.data import text_windows
     from layershap.evaluate.perplexity import perplexity
-    from layershap.io import read_json
-    from layershap.models.load import model_label
-    from layershap.models.save import save_pruned
+    from layershap.models.save import inherited_record, save_pruned
 
     check_heal_options(steps=steps, lr=lr, rank=rank, alpha=alpha, batch_size=batch_size)
     check_trainable(model)
@@ -161,16 +158,7 @@ def heal_run(model, tokenizer, *, out, steps: int, model_name: str | None = None
     healed, stats = heal_model(model, calibration, steps=steps, lr=lr, rank=rank, alpha=alpha,
                                batch_size=batch_size, seed=seed)
     after = {name: perplexity(healed, w.tokens, batch_size=eval_batch) for name, w in held_out.items()}
-    record = {}
-    source = Path(model_name).expanduser() / "layershap.json" if model_name else None
-    if source is not None and source.is_file():
-        try:
-            record = read_json(source)
-        except ValueError:
-            record = {}
-    record.setdefault("model", model_label(model_name))
-    record.setdefault("model_type", healed.config.model_type)
-    record["layershap_version"] = __version__
+    record = inherited_record(model_name, healed)
     record["heal"] = {**stats, "ppl_before": before, "ppl_after": after, "calibration": calibration.describe(),
                       "evaluation": {name: w.describe() for name, w in held_out.items()}}
     save_pruned(healed, tokenizer, Path(out), record)

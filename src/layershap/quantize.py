@@ -277,11 +277,10 @@ def quantize_run(model, tokenizer, *, scheme: str, out, model_name: str | None =
 
     The record keeps what the source directory's `layershap.json` said (a pruned model stays described as
     such) and adds `quantization`."""
-    from layershap import __version__
     from layershap.data import text_windows
     from layershap.evaluate.perplexity import perplexity
     from layershap.io import read_json
-    from layershap.models.load import model_label
+    from layershap.models.save import inherited_record
 
     check_quantizable(model, scheme)
     held_out = {name: text_windows(name, tokenizer, samples=eval_samples, seq_len=eval_seq_len, seed=seed,
@@ -289,16 +288,7 @@ def quantize_run(model, tokenizer, *, scheme: str, out, model_name: str | None =
     before = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
     quantize_model(model, scheme)
     after = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
-    source = Path(model_name).expanduser() / "layershap.json" if model_name else None
-    record = {}
-    if source is not None and source.is_file():
-        try:
-            record = read_json(source)
-        except ValueError:
-            record = {}
-    record.setdefault("model", model_label(model_name))
-    record.setdefault("model_type", model.config.model_type)
-    record["layershap_version"] = __version__
+    record = inherited_record(model_name, model)
     record["quantization"] = {"ppl_before": before, "ppl_after": after,
                               "evaluation": {name: w.describe() for name, w in held_out.items()}}
     save_quantized(model, tokenizer, out, record)

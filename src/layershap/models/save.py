@@ -23,3 +23,23 @@ def save_pruned(model, tokenizer, out_dir, record: dict | None = None) -> Path:
     if record is not None:
         write_json(out / "layershap.json", record)
     return out
+
+
+def inherited_record(model_name: str | None, model) -> dict:
+    """The `layershap.json` of the directory a model was loaded from (so prune -> heal -> quantize keeps one
+    history), or a fresh record naming the model; the version is always this layershap's."""
+    from layershap import __version__
+    from layershap.io import read_json
+    from layershap.models.load import model_label
+
+    record: dict = {}
+    source = Path(model_name).expanduser() / "layershap.json" if model_name else None
+    if source is not None and source.is_file():
+        try:
+            record = read_json(source)
+        except ValueError:
+            record = {}
+    record.setdefault("model", model_label(model_name))
+    record.setdefault("model_type", model.config.model_type)
+    record["layershap_version"] = __version__
+    return record
