@@ -253,17 +253,12 @@ def save_quantized(model, tokenizer, out, record: dict | None = None) -> Path:
     write `layershap.json`: `record` plus `quantization` (scheme, torchao config, layers kept in float, bytes
     in memory and on disk). Plain `transformers` with torchao installed reloads the directory."""
     from layershap.io import write_json
-    from layershap.models.layers import check_editable
+    from layershap.models.save import save_pruned
 
     quantization = quantization_of(model)
     if quantization is None or "scheme" not in quantization:
         raise LayershapError("save_quantized needs a model quantized by layershap.quantize.quantize_model")
-    check_editable(model)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    out = save_pruned(model, tokenizer, out)
     record = dict(record or {})
     record["quantization"] = {**record.get("quantization", {}), **quantization,
                               "checkpoint_bytes": checkpoint_bytes(out)}
