@@ -177,8 +177,9 @@ def estimate_dry_run(model, tokenizer, *, settings, data: str = "c4", samples: i
     game = LayerGame(model, calibration, utility=settings.utility, batch_size=batch_size)
     masks = sample_masks(settings, n)
     with open_store(model, store) as db:
-        known = db.get_many(measurement_context(game), masks)
-        per_layer_pass = db.mean_seconds_per_block(measurement_context(game))
+        context = measurement_context(game)
+        known = db.get_many(context, masks)
+        per_layer_pass = db.mean_seconds_per_block(context)
     todo = [m for m in masks if mask_key(m) not in known]
     if per_layer_pass is None:
         started = time.perf_counter()

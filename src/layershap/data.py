@@ -61,13 +61,18 @@ class TextWindows:
 
     def fingerprint(self) -> str:
         """Identifies the exact tokens, so cached evaluations are reused only on the same data."""
-        digest = hashlib.sha256(self.tokens.to(torch.int64).cpu().numpy().tobytes())
-        digest.update(str(tuple(self.tokens.shape)).encode())
-        return digest.hexdigest()[:16]
+        return tokens_fingerprint(self.tokens)
 
     def describe(self) -> dict:
         return {"source": self.source, "split": self.split, "samples": self.samples, "seq_len": self.seq_len,
                 "seed": self.seed, "fingerprint": self.fingerprint()}
+
+
+def tokens_fingerprint(tokens: torch.Tensor) -> str:
+    """A short hash of a token tensor's values and shape."""
+    digest = hashlib.sha256(tokens.to(torch.int64).cpu().numpy().tobytes())
+    digest.update(str(tuple(tokens.shape)).encode())
+    return digest.hexdigest()[:16]
 
 
 def text_windows(source: str, tokenizer, *, samples: int = 8, seq_len: int = 128, seed: int = 0,

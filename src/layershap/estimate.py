@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from layershap.data import tokens_fingerprint
 from layershap.errors import LayershapError
 from layershap.game import LayerGame
 from layershap.progress import progress_bar
@@ -112,12 +113,8 @@ def measurement_context(game: LayerGame) -> str:
     """What a stored NLL depends on besides the model and the mask: the exact windows and the dtype."""
     import hashlib
 
-    import torch
-
-    tokens = game.tokens
-    digest = hashlib.sha256(tokens.to(torch.int64).cpu().numpy().tobytes())
-    digest.update(f"{tuple(tokens.shape)}|mean_nll|{next(game.model.parameters()).dtype}".encode())
-    return digest.hexdigest()[:16]
+    dtype = next(game.model.parameters()).dtype
+    return hashlib.sha256(f"{tokens_fingerprint(game.tokens)}|mean_nll|{dtype}".encode()).hexdigest()[:16]
 
 
 def evaluate_masks(game: LayerGame, store: EvaluationStore, masks: np.ndarray, *,
