@@ -103,11 +103,12 @@ def test_paper_preset_matches_official_strata_and_scales():
     assert np.all(np.unique(masks.sum(1), return_counts=True)[1] == 10)
 
 
-def test_shapley_preset_covers_every_size():
+def test_shapley_preset_covers_every_size_and_draws_the_empty_model_first():
     sizes = get_sampler("shapley").keep_sizes(16)
-    assert sorted(sizes) == list(range(1, 17))
+    assert sizes[:2] == [16, 0] and sorted(sizes) == list(range(0, 17))
     masks = get_sampler("shapley").masks(16, 16 * 5, seed=0)
-    assert set(masks.sum(1).tolist()) == set(range(1, 17))
+    assert set(masks.sum(1).tolist()) == set(range(0, 17))
+    assert not masks[1].any()  # the empty coalition right after the full model
 
 
 def test_target_preset_centres_on_the_target():
