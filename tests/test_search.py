@@ -76,3 +76,40 @@ def test_refine_spends_exactly_the_budget_and_returns_a_measured_plan(tmp_path):
     row = np.flatnonzero((result.masks == result.best).all(axis=1))[0]
     eligible = result.masks.sum(axis=1) == 4
     assert result.nlls[row] == np.nanmin(result.nlls[eligible])
+
+
+def test_refine_measures_the_seed_plans_first(tmp_path):
+    model = tiny_model("llama")
+    windows = TextWindows(torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0)),
+                          "random", "calibration", 0)
+    game = LayerGame(model, windows)
+    with open_store(model, tmp_path / "s.sqlite") as store:
+        first = estimate(game, store, EstimateSettings(budget=20, target_removed=2))
+        masks, nlls = first.masks[:1], first.nlls[:1]  # only the full model measured so far
+        result = refine(game, store, masks, nlls, k=2, budget=6, surrogate="pairwise", seed=0,
+                        seeds=[[0, 1], [2, 3], [0, 1]])
+    seeded = result.masks[1:3]
+    assert [sorted(np.flatnonzero(~m).tolist()) for m in seeded] == [[0, 1], [2, 3]]
+    assert len(result.masks) == 6 and len({m.tobytes() for m in result.masks}) == 6
+
+
+def test_neighbours_are_the_unmeasured_single_swaps_best_predicted_first():
+    from layershap.refine import _unmeasured_neighbours
+
+    predict = _quadratic(8, 3)
+    best = np.ones(8, dtype=bool)
+    best[[1, 4]] = False
+    measured = best.copy()
+    measured[[1, 2]] = [True, False]  # one neighbour already measured
+    found = _unmeasured_neighbours(predict, np.array([best, measured]), best, protect=(7,), wanted=100)
+    swaps = []
+    for removed in (1, 4):
+        for kept in (0, 2, 3, 5, 6):  # 7 is protected
+            mask = best.copy()
+            mask[[removed, kept]] = [True, False]
+            if not (mask == measured).all():
+                swaps.append(mask)
+    assert len(found) == len(swaps) == 9
+    assert {m.tobytes() for m in found} == {m.tobytes() for m in swaps}
+    scores = predict(np.array(found))
+    assert (np.diff(scores) <= 1e-12).all()

@@ -1,9 +1,12 @@
 """Spend the rest of the budget where the decision is made: on the best k-removal plans the surrogate sees.
 
-After the stratified estimate, each round refits the surrogate on everything measured so far, searches it
-for the best plans that remove exactly k blocks (`search.py`), measures the most promising unmeasured ones on
-the real model, and repeats until the budget is spent. The plan returned is the best *measured* one, so a
-surrogate error can cost quality only through what was not tried, never through what is chosen.
+After the stratified estimate, the seed plans (the one-pass baselines' choices, `seeds.py`) are measured
+first. Then each round refits the surrogate on everything measured so far and measures, on the real model,
+the most promising unmeasured plans from two places: the surrogate's own best k-removal plans
+(`search.py`), and the single swaps around the best plan measured so far, ranked by the surrogate (a local
+search on the real model, which finds what the sampled masks never came near). Rounds repeat until the
+budget is spent. The plan returned is the best *measured* one, so a surrogate error can cost quality only
+through what was not tried, never through what is chosen.
 """
 
 from __future__ import annotations
@@ -29,18 +32,33 @@ class Refinement:
 
 
 def refine(game: LayerGame, store: EvaluationStore, masks: np.ndarray, nlls: np.ndarray, *, k: int,
-           budget: int, surrogate: str, seed: int, protect=(), start=(), per_round: int | None = None) -> Refinement:
-    """Grow (masks, nlls) to `budget` masks with surrogate-chosen k-removal plans and pick the best measured."""
+           budget: int, surrogate: str, seed: int, protect=(), start=(), seeds=(),
+           per_round: int | None = None) -> Refinement:
+    """Grow (masks, nlls) to `budget` masks with surrogate-chosen k-removal plans and pick the best measured.
+
+    start: removal sets the surrogate search also polishes (e.g. the k lowest Shapley values);
+    seeds: removal sets measured on the real model before the first round, whatever the surrogate thinks.
+    """
     n = game.n_players
     base = float(nlls[masks.all(axis=1)][0])
     per_round = per_round or max(4, budget // 16)
     evaluations = rounds = 0
     masks, nlls = np.asarray(masks, dtype=bool), np.asarray(nlls, dtype=float)
+    seen = {m.tobytes() for m in masks}
+    first = list({m.tobytes(): m for m in (_removal_mask(n, s) for s in seeds)
+                  if m.tobytes() not in seen}.values())[:max(0, budget - len(masks))]
     while len(masks) < budget:
-        utilities = np.array([game.utility(v, base) for v in nlls])
-        model = make_surrogate(surrogate, n, seed).fit(masks, utilities)
-        candidates = _unmeasured_top_plans(model.predict, masks, n, k, protect, start,
-                                           wanted=min(per_round, budget - len(masks)))
+        if first:
+            candidates, first = first, []
+        else:
+            utilities = np.array([game.utility(v, base) for v in nlls])
+            model = make_surrogate(surrogate, n, seed).fit(masks, utilities)
+            wanted = min(per_round, budget - len(masks))
+            best = best_measured(masks, nlls, k, protect, base)
+            near = _unmeasured_neighbours(model.predict, masks, best, protect, wanted=(wanted + 1) // 2)
+            far = _unmeasured_top_plans(model.predict, np.concatenate([masks, *[m[None] for m in near]]), n, k,
+                                        protect, start, wanted=wanted - len(near))
+            candidates = near + far
         if not candidates:
             break
         new, evaluated, _ = evaluate_masks(game, store, np.array(candidates), description=f"refining (round {rounds + 1})")
@@ -64,6 +82,33 @@ def _unmeasured_top_plans(predict, masks, n, k, protect, start, *, wanted: int) 
             break
         beam *= 4
     return found
+
+
+def _removal_mask(n: int, removal) -> np.ndarray:
+    mask = np.ones(n, dtype=bool)
+    mask[list(removal)] = False
+    return mask
+
+
+def _unmeasured_neighbours(predict, masks, best, protect, *, wanted: int) -> list[np.ndarray]:
+    """The unmeasured plans one swap (a removed block kept, a kept block removed) away from `best`, best
+    predicted first."""
+    if best is None or wanted <= 0:
+        return []
+    allowed = np.array([i for i in range(len(best)) if i not in set(protect)])
+    removed, kept = allowed[~best[allowed]], allowed[best[allowed]]
+    if len(removed) == 0 or len(kept) == 0:
+        return []
+    swaps = np.repeat(best[None], len(removed) * len(kept), axis=0)
+    rows = np.arange(len(swaps))
+    swaps[rows, np.repeat(removed, len(kept))] = True
+    swaps[rows, np.tile(kept, len(removed))] = False
+    seen = {m.tobytes() for m in masks}
+    fresh = np.array([m for m in swaps if m.tobytes() not in seen])
+    if len(fresh) == 0:
+        return []
+    order = np.argsort(-predict(fresh), kind="stable")
+    return [fresh[i] for i in order[:wanted]]
 
 
 def best_measured(masks: np.ndarray, nlls: np.ndarray, k: int, protect, base_nll: float) -> np.ndarray | None:

@@ -3,8 +3,10 @@
 Values come from `layershap.estimate` (stratified masks -> stored evaluations -> surrogate -> Shapley).
 With `plan="lowest"` (the paper, and `--preset paper`) the k blocks with the lowest values are removed. With
 `plan="search"` (the default) half the budget goes to the estimate and half to measuring, on the real model,
-the k-removal plans the surrogate rates best, seeded with the lowest-value plan; the best measured plan wins
-(`layershap.refine`), and the reported values use every mask measured. The record holds the surrogate's
+first the one-pass baselines' plans (`layershap.seeds`, one traced pass), then the k-removal plans the
+surrogate rates best (its search seeded with the lowest-value plan) and the swaps around the best plan
+measured so far; the best measured plan wins (`layershap.refine`), and the reported values use every mask
+measured. The record holds the surrogate's
 predicted and the measured calibration perplexity of the chosen plan.
 """
 
@@ -26,6 +28,7 @@ from layershap.estimate import (
 from layershap.game import LayerGame
 from layershap.methods.base import Plan, lowest_scoring
 from layershap.refine import refine
+from layershap.seeds import one_pass_seeds
 from layershap.store import open_store
 
 
@@ -36,11 +39,14 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
     game = LayerGame(model, windows, utility=settings.utility, batch_size=batch_size)
     with open_store(model, store) as db:
         settings.check(game.n_players)
+        traced, seeds = 0, []
         if settings.plan == "search":
             first = estimate(game, db, replace(settings, budget=max(MIN_BUDGET, settings.budget // 2)))
-            refined = refine(game, db, first.masks, first.nlls, k=k, budget=settings.budget,
+            seeds = one_pass_seeds(model, windows, k, protect=protect, batch_size=batch_size) if k else []
+            traced = 1 if seeds else 0
+            refined = refine(game, db, first.masks, first.nlls, k=k, budget=settings.budget - traced,
                              surrogate=settings.surrogate, seed=settings.seed, protect=protect,
-                             start=[lowest_scoring(first.shapley, k, protect)])
+                             start=[lowest_scoring(first.shapley, k, protect)], seeds=seeds)
             result = estimate_from_measurements(game, refined.masks, refined.nlls, settings)
             result.evaluations, result.reused = first.evaluations + refined.evaluations, first.reused
             best = refined.best
@@ -55,12 +61,13 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
     details = {
         "estimate": result.to_dict(),
         "plan": settings.plan,
+        "seed_plans": seeds,
         "predicted_calibration_ppl": _ppl(predicted_nll),
         "measured_calibration_ppl": _ppl(measured_nll),
         "dense_calibration_ppl": _ppl(result.base_nll),
     }
     return Plan("shapley", game.n_players, [int(i) for i in remove], result.shapley.tolist(),
-                forward_passes=result.evaluations + evaluated, seconds=time.perf_counter() - started,
+                forward_passes=result.evaluations + evaluated + traced, seconds=time.perf_counter() - started,
                 details=details)
 
 
