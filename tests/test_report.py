@@ -33,7 +33,7 @@ def estimate_run(tmp_path_factory, tiny_model_dir, long_text_file):
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as done:
         patch.setenv("LAYERSHAP_CACHE", str(cache))
         main(["estimate", "--model", str(tiny_model_dir), "--data", str(long_text_file), "--samples", "4",
-              "--seq-len", "32", "--budget", "20", "--store", str(cache / "s.sqlite"), "--out", str(out)])
+              "--seq-len", "32", "--budget", "20", "--target-ratio", "0.25", "--store", str(cache / "s.sqlite"), "--out", str(out)])
     assert done.value.code == 0
     return out
 

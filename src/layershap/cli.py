@@ -172,7 +172,8 @@ def estimate(ctx: typer.Context,
              budget: Budget = None, preset: Preset = "default", sampler: Sampler = None,
              surrogate: Surrogate = None, utility: Utility = None, paired: Paired = None,
              target_ratio: Annotated[float | None, typer.Option(
-                 "--target-ratio", help="Pruning ratio the target sampler concentrates on (default 0.25).")] = None,
+                 "--target-ratio", help="Concentrate the masks on plans near this pruning ratio (the target sampler, as `prune` "
+                 "does). Without it, masks cover every coalition size: the accurate choice for values.")] = None,
              store: Store = None, dry_run: DryRun = False, model: Model = None, data: Data = "c4",
              samples: Annotated[int | None, typer.Option(help="Calibration windows (default 8).")] = None,
              seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per window (default 128).")]
@@ -193,7 +194,8 @@ def estimate(ctx: typer.Context,
         settings, window = _estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
                                               utility=utility, paired=paired, seed=seed, samples=samples,
                                               seq_len=seq_len,
-                                              target_removed=layers_to_remove(target_ratio or 0.25, n))
+                                              target_removed=(layers_to_remove(target_ratio, n)
+                                                              if target_ratio is not None else None))
         common = dict(settings=settings, data=data, batch_size=batch_size, store=store, **window)
         if dry_run:
             plan = estimate_dry_run(loaded, tokenizer, **common)
