@@ -4,6 +4,7 @@ that dies mid-batch, and refuses a bad address within seconds."""
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -101,6 +102,9 @@ def _have_ray() -> bool:
     return True
 
 
+RAY_CORE_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] ")
+
+
 @pytest.mark.skipif(not _have_ray(), reason="ray is not installed (pip install 'layershap[ray]')")
 def test_open_port_that_is_not_ray_times_out(tiny_model_dir, tmp_path):
     """Something listens but it is no Ray head: Ray itself would retry for minutes; we give up on a timeout."""
@@ -117,9 +121,11 @@ def test_open_port_that_is_not_ray_times_out(tiny_model_dir, tmp_path):
         assert time.perf_counter() - started < 60
     finally:
         listener.close()
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # Ray's C++ threads may still log a connection warning ("[2026-... W ...] rpc_client.h ...") after ours
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not RAY_CORE_LOG.match(line)]
     assert result.returncode == 2, result.stderr
     assert lines[-1].startswith("layershap: error:") and "no Ray cluster answered within 3 s" in lines[-1]
+    assert "Traceback" not in result.stderr
 
 
 def _estimate_args(model_dir, text, store, out):

@@ -105,9 +105,9 @@ def test_paper_preset_matches_official_strata_and_scales():
 
 def test_shapley_preset_covers_every_size_and_draws_the_empty_model_first():
     sizes = get_sampler("shapley").keep_sizes(16)
-    assert sizes[:2] == [16, 0] and sorted(sizes) == list(range(0, 17))
+    assert sizes[:2] == [16, 0] and sorted(sizes) == list(range(17))
     masks = get_sampler("shapley").masks(16, 16 * 5, seed=0)
-    assert set(masks.sum(1).tolist()) == set(range(0, 17))
+    assert set(masks.sum(1).tolist()) == set(range(17))
     assert not masks[1].any()  # the empty coalition right after the full model
 
 
