@@ -28,14 +28,18 @@ from layershap.game import LayerGame
 from layershap.models.layers import keep_only
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed_interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, the functions taking turns within every repeat, so that a slow
+    spell of a shared machine (or a CPU clock change) lands on all of them instead of on one."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -53,11 +57,12 @@ def main() -> None:
         with keep_only(model, mask):
             return mean_nll(model, tokens)
 
-    full = timed(lambda: run(np.ones(n, dtype=bool)), args.repeats)
-    outside = timed(lambda: run(np.zeros(n, dtype=bool)), args.repeats)
     one_mask = np.ones(n, dtype=bool)
     one_mask[np.random.default_rng(0).choice(n, args.k, replace=False)] = False
-    masked = timed(lambda: run(one_mask), args.repeats)
+    seconds = timed_interleaved({"full": lambda: run(np.ones(n, dtype=bool)),
+                                 "outside": lambda: run(np.zeros(n, dtype=bool)),
+                                 "masked": lambda: run(one_mask)}, args.repeats)
+    full, outside, masked = seconds["full"], seconds["outside"], seconds["masked"]
     head_fraction = outside / full
     kept = one_mask.mean()
     expected = head_fraction + kept * (1 - head_fraction)
