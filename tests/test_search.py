@@ -63,11 +63,15 @@ def test_best_measured_picks_lowest_nll_of_the_right_size():
     assert best_measured(masks, nlls, 3, (), 1.0) is None
 
 
-def test_refine_spends_exactly_the_budget_and_returns_a_measured_plan(tmp_path):
+def _tiny_game():
     model = tiny_model("llama")
     windows = TextWindows(torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0)),
                           "random", "calibration", 0)
-    game = LayerGame(model, windows)
+    return model, LayerGame(model, windows)
+
+
+def test_refine_spends_exactly_the_budget_and_returns_a_measured_plan(tmp_path):
+    model, game = _tiny_game()
     with open_store(model, tmp_path / "s.sqlite") as store:
         first = estimate(game, store, EstimateSettings(budget=20, target_removed=2))
         result = refine(game, store, first.masks, first.nlls, k=2, budget=30, surrogate="pairwise", seed=0)
@@ -79,10 +83,7 @@ def test_refine_spends_exactly_the_budget_and_returns_a_measured_plan(tmp_path):
 
 
 def test_refine_measures_the_seed_plans_first(tmp_path):
-    model = tiny_model("llama")
-    windows = TextWindows(torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0)),
-                          "random", "calibration", 0)
-    game = LayerGame(model, windows)
+    model, game = _tiny_game()
     with open_store(model, tmp_path / "s.sqlite") as store:
         first = estimate(game, store, EstimateSettings(budget=20, target_removed=2))
         masks, nlls = first.masks[:1], first.nlls[:1]  # only the full model measured so far

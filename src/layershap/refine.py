@@ -17,7 +17,7 @@ import numpy as np
 
 from layershap.estimate import evaluate_masks
 from layershap.game import LayerGame, bounded_nll
-from layershap.search import top_removal_masks
+from layershap.search import removal_mask, single_swaps, top_removal_masks
 from layershap.store import EvaluationStore
 from layershap.surrogate import make_surrogate
 
@@ -45,7 +45,7 @@ def refine(game: LayerGame, store: EvaluationStore, masks: np.ndarray, nlls: np.
     evaluations = rounds = 0
     masks, nlls = np.asarray(masks, dtype=bool), np.asarray(nlls, dtype=float)
     seen = {m.tobytes() for m in masks}
-    first = list({m.tobytes(): m for m in (_removal_mask(n, s) for s in seeds)
+    first = list({m.tobytes(): m for m in (removal_mask(n, s) for s in seeds)
                   if m.tobytes() not in seen}.values())[:max(0, budget - len(masks))]
     while len(masks) < budget:
         if first:
@@ -84,27 +84,14 @@ def _unmeasured_top_plans(predict, masks, n, k, protect, start, *, wanted: int) 
     return found
 
 
-def _removal_mask(n: int, removal) -> np.ndarray:
-    mask = np.ones(n, dtype=bool)
-    mask[list(removal)] = False
-    return mask
-
-
 def _unmeasured_neighbours(predict, masks, best, protect, *, wanted: int) -> list[np.ndarray]:
     """The unmeasured plans one swap (a removed block kept, a kept block removed) away from `best`, best
     predicted first."""
     if best is None or wanted <= 0:
         return []
     allowed = np.array([i for i in range(len(best)) if i not in set(protect)])
-    removed, kept = allowed[~best[allowed]], allowed[best[allowed]]
-    if len(removed) == 0 or len(kept) == 0:
-        return []
-    swaps = np.repeat(best[None], len(removed) * len(kept), axis=0)
-    rows = np.arange(len(swaps))
-    swaps[rows, np.repeat(removed, len(kept))] = True
-    swaps[rows, np.tile(kept, len(removed))] = False
     seen = {m.tobytes() for m in masks}
-    fresh = np.array([m for m in swaps if m.tobytes() not in seen])
+    fresh = np.array([m for m in single_swaps(best, allowed) if m.tobytes() not in seen])
     if len(fresh) == 0:
         return []
     order = np.argsort(-predict(fresh), kind="stable")

@@ -37,10 +37,7 @@ def top_removal_masks(predict: Predict, n: int, k: int, *, protect: Sequence[int
         pool = np.array(list(children.values()))
         scores = predict(pool)
         frontier = list(pool[np.argsort(-scores, kind="stable")[:beam]])
-    for removal in start:
-        mask = np.ones(n, dtype=bool)
-        mask[list(removal)] = False
-        frontier.append(mask)
+    frontier.extend(removal_mask(n, removal) for removal in start)
     polished = {m.tobytes(): m for m in (_swap_search(predict, m, allowed)
                                          for m in frontier[:POLISHED] + frontier[len(frontier) - len(start):])}
     candidates = {**{m.tobytes(): m for m in frontier}, **polished}
@@ -54,17 +51,30 @@ def _swap_search(predict: Predict, mask: np.ndarray, allowed: np.ndarray, max_ro
     best = mask.copy()
     best_score = float(predict(best[None])[0])
     for _ in range(max_rounds):
-        removed = allowed[~best[allowed]]
-        kept = allowed[best[allowed]]
-        if len(removed) == 0 or len(kept) == 0:
+        swaps = single_swaps(best, allowed)
+        if len(swaps) == 0:
             break
-        swaps = np.repeat(best[None], len(removed) * len(kept), axis=0)
-        rows = np.arange(len(swaps))
-        swaps[rows, np.repeat(removed, len(kept))] = True
-        swaps[rows, np.tile(kept, len(removed))] = False
         scores = predict(swaps)
         top = int(np.argmax(scores))
         if scores[top] <= best_score + 1e-12:
             break
         best, best_score = swaps[top], float(scores[top])
     return best
+
+
+def single_swaps(mask: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Every keep-mask one exchange away from `mask`: one removed block kept and one kept block removed, both
+    among `allowed`; `[0, n]` when there is nothing to exchange."""
+    removed, kept = allowed[~mask[allowed]], allowed[mask[allowed]]
+    swaps = np.repeat(mask[None], len(removed) * len(kept), axis=0)
+    rows = np.arange(len(swaps))
+    swaps[rows, np.repeat(removed, len(kept))] = True
+    swaps[rows, np.tile(kept, len(removed))] = False
+    return swaps
+
+
+def removal_mask(n: int, removal: Sequence[int]) -> np.ndarray:
+    """The keep-mask of n blocks without the blocks in `removal`."""
+    mask = np.ones(n, dtype=bool)
+    mask[list(removal)] = False
+    return mask

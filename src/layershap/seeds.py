@@ -13,55 +13,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
-
-from layershap.methods._common import model_device, removable, tokens_of
-from layershap.methods.angular import run_distances
+from layershap.methods._common import removable, tokens_of
+from layershap.methods.angular import LastTokenStates, closest_run, run_distances, run_starts
 from layershap.methods.base import lowest_scoring
+from layershap.methods.shortgpt import BlockInfluence
 from layershap.models.layers import num_layers
-from layershap.models.trace import block_io
+from layershap.models.trace import traced_pass
 
 
 def one_pass_seeds(model, windows, k: int, *, protect: Sequence[int] = (), batch_size: int = 8) -> list[list[int]]:
     """Removal sets of ShortGPT (k lowest block influences) and of the angular distance (the closest run of k
-    blocks avoiding protected ones), from a single forward pass; duplicates dropped."""
+    blocks avoiding protected ones), from a single forward pass watched by both methods' recorders;
+    duplicates dropped."""
     n = num_layers(model)
-    allowed = set(removable(n, k, protect))
+    removable(n, k, protect)
     if k == 0:
         return []
-    influence, inputs, outputs = _trace(model, tokens_of(windows), batch_size)
-    seeds = [lowest_scoring(influence, k, protect)]
-    starts = [s for s in range(n - k + 1) if set(range(s, s + k)) <= allowed]
-    if starts:
-        distances = run_distances(inputs, outputs, k)
-        best = min(starts, key=lambda s: (distances[s], -s))
-        seeds.append(list(range(best, best + k)))
-    unique = []
-    for seed in seeds:
-        if seed not in unique:
-            unique.append(seed)
-    return unique
-
-
-def _trace(model, tokens: torch.Tensor, batch_size: int):
-    """Per block: mean (1 - cos) between input and output over all tokens (ShortGPT's block influence), and
-    the last token's input and output states (for the angular distance), from one pass."""
-    n = num_layers(model)
-    influence = torch.zeros(n, dtype=torch.float64)
-    inputs: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    outputs: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    tokens = tokens_of(windows)
+    influence, states = BlockInfluence(n), LastTokenStates(n)
 
     def record(index, hidden_in, hidden_out):
-        cos = F.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
-        influence[index] += (1.0 - cos).double().sum().cpu()
-        inputs[index].append(hidden_in[:, -1].detach().double().cpu())
-        outputs[index].append(hidden_out[:, -1].detach().double().cpu())
+        influence(index, hidden_in, hidden_out)
+        states(index, hidden_in, hidden_out)
 
-    device = model_device(model)
-    with torch.inference_mode(), block_io(model, record):
-        for start in range(0, tokens.shape[0], batch_size):
-            model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
-    influence /= tokens.numel()
-    return (influence.tolist(), torch.stack([torch.cat(x) for x in inputs]),
-            torch.stack([torch.cat(x) for x in outputs]))
+    traced_pass(model, tokens, record, batch_size=batch_size)
+    seeds = [lowest_scoring(influence.scores(tokens.numel()), k, protect)]
+    starts = run_starts(n, k, protect)
+    if starts:
+        best = closest_run(run_distances(*states.tensors(), k), starts)
+        seeds.append(list(range(best, best + k)))
+    return [seed for i, seed in enumerate(seeds) if seed not in seeds[:i]]

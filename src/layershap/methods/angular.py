@@ -25,28 +25,45 @@ import torch
 import torch.nn.functional as F
 
 from layershap.errors import LayershapError
-from layershap.methods._common import model_device, removable, tokens_of
+from layershap.methods._common import removable, tokens_of
 from layershap.methods.base import Plan
 from layershap.models.layers import num_layers
-from layershap.models.trace import block_io
+from layershap.models.trace import traced_pass
+
+
+class LastTokenStates:
+    """Watches a traced pass (`models.trace.traced_pass`) and keeps the last token's hidden state entering
+    and leaving every block."""
+
+    def __init__(self, n_blocks: int):
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in range(n_blocks)]
+        self.outputs: list[list[torch.Tensor]] = [[] for _ in range(n_blocks)]
+
+    def __call__(self, index: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
+        self.inputs[index].append(hidden_in[:, -1].detach().double().cpu())
+        self.outputs[index].append(hidden_out[:, -1].detach().double().cpu())
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.stack([torch.cat(x) for x in self.inputs]), torch.stack([torch.cat(x) for x in self.outputs]))
 
 
 def last_token_states(model, tokens: torch.Tensor, *, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """The last token's hidden state entering and leaving every block: two `[blocks, samples, hidden]`
     float64 tensors, from one forward pass over the windows."""
-    n = num_layers(model)
-    inputs: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    outputs: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    recorder = LastTokenStates(num_layers(model))
+    traced_pass(model, tokens, recorder, batch_size=batch_size)
+    return recorder.tensors()
 
-    def record(index, hidden_in, hidden_out):
-        inputs[index].append(hidden_in[:, -1].detach().double().cpu())
-        outputs[index].append(hidden_out[:, -1].detach().double().cpu())
 
-    device = model_device(model)
-    with torch.inference_mode(), block_io(model, record):
-        for start in range(0, tokens.shape[0], batch_size):
-            model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
-    return (torch.stack([torch.cat(x) for x in inputs]), torch.stack([torch.cat(x) for x in outputs]))
+def run_starts(n: int, k: int, protect=()) -> list[int]:
+    """The first blocks of the runs of k consecutive blocks that hold no protected block."""
+    allowed = set(removable(n, k, protect))
+    return [s for s in range(n - k + 1) if set(range(s, s + k)) <= allowed]
+
+
+def closest_run(distances: list[float], starts: list[int]) -> int:
+    """The start of the run with the smallest distance among `starts`; ties go to the later run."""
+    return min(starts, key=lambda s: (distances[s], -s))
 
 
 def run_distances(inputs: torch.Tensor, outputs: torch.Tensor, k: int) -> list[float]:
@@ -63,16 +80,16 @@ def run_distances(inputs: torch.Tensor, outputs: torch.Tensor, k: int) -> list[f
 def angular(model, windows, k: int, *, protect=(), batch_size: int = 8, **_) -> Plan:
     start_time = time.perf_counter()
     n = num_layers(model)
-    protected = set(range(n)) - set(removable(n, k, protect))
+    removable(n, k, protect)
     if k == 0:
         return Plan("angular", n, [], None, forward_passes=0, seconds=time.perf_counter() - start_time)
-    starts = [s for s in range(n - k + 1) if not protected & set(range(s, s + k))]
+    starts = run_starts(n, k, protect)
     if not starts:
         raise LayershapError(f"angular distance removes {k} consecutive layers, but every run of {k} layers "
                              "holds a protected one; protect fewer layers or lower --ratio")
     inputs, outputs = last_token_states(model, tokens_of(windows), batch_size=batch_size)
     distances = run_distances(inputs, outputs, k)
-    best = min(starts, key=lambda s: (distances[s], -s))
+    best = closest_run(distances, starts)
     scores = np.ones(n)
     for s in starts:
         for i in range(s, s + k):

@@ -42,7 +42,7 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
         traced, seeds = 0, []
         if settings.plan == "search":
             first = estimate(game, db, replace(settings, budget=max(MIN_BUDGET, settings.budget // 2)))
-            seeds = one_pass_seeds(model, windows, k, protect=protect, batch_size=batch_size) if k else []
+            seeds = one_pass_seeds(model, windows, k, protect=protect, batch_size=batch_size)
             traced = 1 if seeds else 0
             refined = refine(game, db, first.masks, first.nlls, k=k, budget=settings.budget - traced,
                              surrogate=settings.surrogate, seed=settings.seed, protect=protect,

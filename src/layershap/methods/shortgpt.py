@@ -13,25 +13,28 @@ import torch.nn.functional as F
 
 from layershap.methods.base import Plan, lowest_scoring
 from layershap.models.layers import num_layers
-from layershap.models.trace import block_io
+from layershap.models.trace import traced_pass
+
+
+class BlockInfluence:
+    """Watches a traced pass (`models.trace.traced_pass`) and sums 1 - cos(input, output) per block."""
+
+    def __init__(self, n_blocks: int):
+        self.sums = torch.zeros(n_blocks, dtype=torch.float64)
+
+    def __call__(self, index: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
+        cos = F.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
+        self.sums[index] += (1.0 - cos).double().sum().cpu()
+
+    def scores(self, tokens: int) -> list[float]:
+        """Block influence per block: the mean over the `tokens` positions the pass ran on."""
+        return (self.sums / tokens).tolist()
 
 
 def block_influence(model, tokens: torch.Tensor, *, batch_size: int = 8) -> list[float]:
-    n = num_layers(model)
-    sums = torch.zeros(n, dtype=torch.float64)
-    count = 0
-
-    def record(index, hidden_in, hidden_out):
-        cos = F.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
-        sums[index] += (1.0 - cos).double().sum().cpu()
-
-    device = next(model.parameters()).device
-    with torch.inference_mode(), block_io(model, record):
-        for start in range(0, tokens.shape[0], batch_size):
-            batch = tokens[start:start + batch_size].to(device)
-            model(input_ids=batch, use_cache=False)
-            count += batch.numel()
-    return (sums / count).tolist()
+    recorder = BlockInfluence(num_layers(model))
+    traced_pass(model, tokens, recorder, batch_size=batch_size)
+    return recorder.scores(tokens.numel())
 
 
 def shortgpt(model, windows, k: int, *, protect=(), batch_size: int = 8, **_) -> Plan:

@@ -33,3 +33,13 @@ def block_io(model, callback: Callable[[int, torch.Tensor, torch.Tensor], None])
     finally:
         for handle in handles:
             handle.remove()
+
+
+def traced_pass(model, tokens: torch.Tensor, callback: Callable[[int, torch.Tensor, torch.Tensor], None], *,
+                batch_size: int = 8) -> None:
+    """One forward pass over `tokens` (`[windows, seq_len]`), batch by batch, with `callback` watching every
+    block as in `block_io`: the whole of a one-pass method's work with the model."""
+    device = next(model.parameters()).device
+    with torch.inference_mode(), block_io(model, callback):
+        for start in range(0, tokens.shape[0], batch_size):
+            model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
