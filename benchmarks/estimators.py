@@ -37,7 +37,7 @@ Each synthetic game is drawn anew for every seed; exact values come from enumera
 
 Estimators (`--estimators`): layershap (the `shapley` sampler over every size, the default `pairwise`
 surrogate, values by enumerating the surrogate with measured coalitions at their measured value, exactly as
-`estimate_from_measurements` does for up to 20 players), layershap-target (the same with the library's default
+`estimate.values_from_utilities` does for up to 20 players), layershap-target (the same with the library's default
 `target` sampler around k = n/4 removed), and shapiq 1.4.1's KernelSHAP,
 UnbiasedKernelSHAP, PermutationSamplingSV, StratifiedSamplingSV, SVARM and kADDSHAP (max_order 2), each given
 the budget and the seed. The JSON also has the relative MSE after removing the mean error
@@ -63,10 +63,9 @@ import torch
 from _setup import write_result
 from scipy.stats import spearmanr
 
-from layershap.estimate import EstimateSettings, MeasuredOrPredicted, sample_masks
+from layershap.estimate import EstimateSettings, sample_masks, values_from_utilities
 from layershap.methods.shapiq_estimators import ESTIMATORS
-from layershap.shapley import exact_shapley, shapley_values
-from layershap.surrogate import make_surrogate
+from layershap.shapley import exact_shapley
 
 ValueFn = Callable[[np.ndarray], np.ndarray]
 
@@ -219,14 +218,13 @@ def make_game(name: str, seed: int, store_dir: Path, cache: dict) -> ExactGame:
 
 def layershap_values(value_fn: ValueFn, n: int, budget: int, seed: int, *, sampler: str = "shapley",
                      surrogate: str = "pairwise") -> np.ndarray:
-    """layershap's estimate from `budget` coalitions: `estimate_from_measurements` for up to 20 players,
-    on any value function (measured masks keep their measured utilities, the surrogate fills in the rest)."""
+    """layershap's estimate from `budget` coalitions on any value function: the library's own Shapley step
+    (measured masks keep their measured utilities, the surrogate fills in the rest)."""
     target = max(1, n // 4) if sampler == "target" else None
     settings = EstimateSettings(budget=budget, sampler=sampler, surrogate=surrogate, seed=seed, target_removed=target)
     masks = sample_masks(settings, n)
     utilities = np.asarray(value_fn(masks), dtype=np.float64)
-    fitted = make_surrogate(surrogate, n, seed).fit(masks, utilities)
-    return shapley_values(MeasuredOrPredicted(fitted, masks, utilities), n, seed=seed).values
+    return values_from_utilities(masks, utilities, settings)[0].values
 
 
 def shapiq_game(value_fn: ValueFn, n: int):

@@ -28,7 +28,7 @@ def test_adapter_is_estimate_from_measurements_on_a_layer_game():
     settings = EstimateSettings(budget=24, sampler="shapley", seed=3)
     masks = sample_masks(settings, N)
     nlls = np.array([game.nll(m) for m in masks])
-    library = estimate_from_measurements(game, masks, nlls, settings).shapley
+    library = estimate_from_measurements(game.utility, masks, nlls, settings).shapley
 
     utility_of = {m.tobytes(): game.utility(nll, nlls[0]) for m, nll in zip(masks, nlls)}
     adapter = bench.layershap_values(lambda ms: np.array([utility_of[m.tobytes()] for m in ms]), N, 24, 3)

@@ -19,7 +19,7 @@ import numpy as np
 
 from layershap.data import tokens_fingerprint
 from layershap.errors import LayershapError
-from layershap.game import LayerGame
+from layershap.game import LayerGame, Utility
 from layershap.progress import progress_bar
 from layershap.sampling import get_sampler, iter_stratified_masks
 from layershap.shapley import EXACT_MAX_PLAYERS, shapley_values, surrogate_shapley
@@ -186,27 +186,34 @@ def estimate(game: LayerGame, store: EvaluationStore, settings: EstimateSettings
         raise LayershapError(f"the game measures {game.utility.name!r} but the settings ask for {settings.utility!r}")
     masks = sample_masks(settings, game.n_players)
     nlls, evaluated, reused = evaluate_masks(game, store, masks)
-    result = estimate_from_measurements(game, masks, nlls, settings)
+    result = estimate_from_measurements(game.utility, masks, nlls, settings)
     result.evaluations, result.reused, result.seconds = evaluated, reused, time.perf_counter() - started
     return result
 
 
-def estimate_from_measurements(game: LayerGame, masks: np.ndarray, nlls: np.ndarray,
+def estimate_from_measurements(utility: Utility, masks: np.ndarray, nlls: np.ndarray,
                                settings: EstimateSettings) -> Estimate:
     """Surrogate and Shapley values from masks already measured (the first mask is the full model)."""
-    n = game.n_players
     base_nll = float(nlls[0])
-    game._base_nll = base_nll
-    utilities = np.array([game.utility(v, base_nll) for v in nlls])
+    utilities = np.array([utility(v, base_nll) for v in nlls])
     fit = held_out_fit(settings.surrogate, masks, utilities, seed=settings.seed, holdout_fraction=settings.holdout)
+    result, surrogate = values_from_utilities(masks, utilities, settings)
+    return Estimate(n_layers=masks.shape[1], shapley=np.asarray(result.values), stderr=np.asarray(result.stderr),
+                    shapley_method=result.method, masks=masks, nlls=nlls, utilities=utilities, base_nll=base_nll,
+                    evaluations=0, reused=0, surrogate_fit=fit, settings=settings, seconds=0.0, surrogate=surrogate)
+
+
+def values_from_utilities(masks: np.ndarray, utilities: np.ndarray, settings: EstimateSettings):
+    """The Shapley step on its own, for any value function's measurements: the surrogate fitted to them, and
+    every player's value (exact enumeration up to 20 players, measured coalitions at their measured value;
+    stratified samples of the surrogate above). Returns (ShapleyResult, fitted surrogate)."""
+    n = masks.shape[1]
     surrogate = make_surrogate(settings.surrogate, n, settings.seed).fit(masks, utilities)
-    if n <= EXACT_MAX_PLAYERS:  # enumerate every coalition, measured ones at their measured value
+    if n <= EXACT_MAX_PLAYERS:
         result = shapley_values(MeasuredOrPredicted(surrogate, masks, utilities), n, seed=settings.seed)
     else:
         result = surrogate_shapley(surrogate, n, samples_per_player=settings.shapley_samples, seed=settings.seed)
-    return Estimate(n_layers=n, shapley=np.asarray(result.values), stderr=np.asarray(result.stderr),
-                    shapley_method=result.method, masks=masks, nlls=nlls, utilities=utilities, base_nll=base_nll,
-                    evaluations=0, reused=0, surrogate_fit=fit, settings=settings, seconds=0.0, surrogate=surrogate)
+    return result, surrogate
 
 
 def with_overrides(settings: EstimateSettings, **overrides) -> EstimateSettings:

@@ -47,7 +47,7 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
             refined = refine(game, db, first.masks, first.nlls, k=k, budget=settings.budget - traced,
                              surrogate=settings.surrogate, seed=settings.seed, protect=protect,
                              start=[lowest_scoring(first.shapley, k, protect)], seeds=seeds)
-            result = estimate_from_measurements(game, refined.masks, refined.nlls, settings)
+            result = estimate_from_measurements(game.utility, refined.masks, refined.nlls, settings)
             result.evaluations, result.reused = first.evaluations + refined.evaluations, first.reused
             best = refined.best
             remove = (list(np.flatnonzero(~best)) if best is not None else lowest_scoring(result.shapley, k, protect))
