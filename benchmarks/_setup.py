@@ -16,9 +16,12 @@ from layershap.data import contiguous_windows
 
 
 def anchors_setup(calibration_samples: int = 8, calibration_len: int = 128, eval_samples: int = 16,
-                  eval_len: int = 256):
+                  eval_len: int = 256, calibration_start: int = 0):
+    """calibration_start: the character of C4 the calibration windows start at (ANCHORS: 0); another start
+    repeats the race on other calibration text, to see which wins survive a different draw."""
     model, tokenizer = layershap.load_model()
-    calibration = contiguous_windows("c4", tokenizer, samples=calibration_samples, seq_len=calibration_len)
+    calibration = contiguous_windows("c4", tokenizer, samples=calibration_samples, seq_len=calibration_len,
+                                     start_char=calibration_start)
     evaluation = contiguous_windows("wiki", tokenizer, samples=eval_samples, seq_len=eval_len, start_char=100_000)
     return model, tokenizer, calibration, evaluation
 

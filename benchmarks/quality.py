@@ -10,6 +10,7 @@ budgets did not measure, and is otherwise the same run as on a fresh store.
 
     python benchmarks/quality.py --json quality.json
     python benchmarks/quality.py --methods shapley,paper,shortgpt --ks 7 --curve 32,64,128,256 --json q.json
+    python benchmarks/quality.py --methods shapley,shortgpt,angular,loo --calibration-start 300000 --json q3.json
 """
 
 from __future__ import annotations
@@ -76,16 +77,19 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--curve", default="", help="budgets for the perplexity-vs-evaluations curve")
     parser.add_argument("--curve-store", default=None, help="directory for the curve's stores (kept for reruns)")
+    parser.add_argument("--calibration-start", type=int, default=0,
+                        help="first character of the C4 calibration windows (ANCHORS: 0)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    model, _, calibration, evaluation = anchors_setup()
+    model, _, calibration, evaluation = anchors_setup(calibration_start=args.calibration_start)
     with keep_only(model, np.ones(30, dtype=bool)):
         dense = perplexity(model, evaluation.tokens)
     print(f"dense wiki ppl={dense:.2f}")
     rows, curve = [], []
 
     def save():  # after every row, so that a long run stopped early keeps what it measured
-        write_result(args.json, {"budget": args.budget, "dense_ppl": {"wiki": dense}, "rows": rows, "curve": curve})
+        write_result(args.json, {"budget": args.budget, "calibration_start": args.calibration_start,
+                                 "dense_ppl": {"wiki": dense}, "rows": rows, "curve": curve})
 
     for method in (m for m in args.methods.split(",") if m):
         for k in (int(v) for v in args.ks.split(",")):
