@@ -120,6 +120,23 @@ def test_target_preset_centres_on_the_target():
         target.keep_sizes(32, 32)
 
 
+def test_target_preset_measures_every_single_removal_first():
+    target = get_sampler("target")
+    masks = target.masks(12, 40, target_removed=3, seed=0)
+    assert (masks[:12].sum(1) == 11).all() and len(set(rows(masks[:12]))) == 12
+    rest = masks[12:].sum(1)
+    assert 11 not in rest.tolist() and {10, 9, 8, 7} <= set(rest.tolist())
+    np.testing.assert_array_equal(target.masks(12, 25, target_removed=3, seed=0), masks[:25])  # still a prefix
+    assert (target.masks(12, 12, seed=0).sum(1) != 11).any()  # without a target: the shapley strata as they were
+
+
+def test_complete_strata_come_first_also_when_paired():
+    masks = stratified_masks(8, 30, [6, 4], seed=1, paired=True, complete_first=[7])
+    assert (masks[0:16:2].sum(1) == 7).all() and (masks[1:16:2].sum(1) == 1).all()
+    np.testing.assert_array_equal(masks[1:16:2], ~masks[0:16:2])
+    assert len(set(rows(masks))) == 30
+
+
 def test_unknown_sampler_names_the_valid_ones():
     with pytest.raises(LayershapError) as err:
         get_sampler("nope")

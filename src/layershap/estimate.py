@@ -21,7 +21,7 @@ from layershap.data import tokens_fingerprint
 from layershap.errors import LayershapError
 from layershap.game import LayerGame, Utility
 from layershap.progress import progress_bar
-from layershap.sampling import get_sampler, iter_stratified_masks
+from layershap.sampling import get_sampler
 from layershap.shapley import EXACT_MAX_PLAYERS, shapley_values, surrogate_shapley
 from layershap.store import EvaluationStore, mask_key
 from layershap.surrogate import held_out_fit, make_surrogate
@@ -153,8 +153,8 @@ def sample_masks(settings: EstimateSettings, n_layers: int) -> np.ndarray:
     if n_layers <= 20 and settings.budget >= 2 ** n_layers:
         every = ((np.arange(2 ** n_layers)[:, None] >> np.arange(n_layers)) & 1).astype(bool)
         return np.concatenate([full, every[:-1][::-1]])
-    stream = iter_stratified_masks(n_layers, get_sampler(settings.sampler).keep_sizes(n_layers, settings.target_removed),
-                                   seed=settings.seed, paired=settings.paired, exclude=full)
+    stream = get_sampler(settings.sampler).stream(n_layers, target_removed=settings.target_removed, seed=settings.seed,
+                                                  paired=settings.paired, exclude=full)
     drawn = list(itertools.islice(stream, settings.budget - 1))
     return np.concatenate([full, np.array(drawn, dtype=bool).reshape(-1, n_layers)])
 

@@ -28,12 +28,14 @@ MAX_REJECTIONS = 10_000
 
 
 def stratified_masks(n_players: int, budget: int, keep_sizes: Sequence[int], *, seed: int,
-                     paired: bool = False, exclude: np.ndarray | None = None) -> np.ndarray:
+                     paired: bool = False, exclude: np.ndarray | None = None,
+                     complete_first: Sequence[int] = ()) -> np.ndarray:
     """`budget` distinct keep-masks, `[budget, n_players]` bool, spread equally over the `keep_sizes` strata.
 
     The strata are visited round-robin in the given order (duplicates dropped), so counts differ by at most
     one and the remainder goes to the strata listed first. A stratum that runs out of distinct masks drops
-    out of the rotation and the others take its share. Masks equal to a row of `exclude` (say, masks
+    out of the rotation and the others take its share. Strata in `complete_first` are given in full before
+    the rotation (see `iter_stratified_masks`). Masks equal to a row of `exclude` (say, masks
     already evaluated) are never returned.
 
     paired: every drawn mask is followed by its complement (a size-s draw brings a size n-s mask), both
@@ -44,7 +46,8 @@ def stratified_masks(n_players: int, budget: int, keep_sizes: Sequence[int], *, 
     """
     if budget < 0:
         raise LayershapError(f"the sampling budget must be >= 0; got {budget}")
-    stream = iter_stratified_masks(n_players, keep_sizes, seed=seed, paired=paired, exclude=exclude)
+    stream = iter_stratified_masks(n_players, keep_sizes, seed=seed, paired=paired, exclude=exclude,
+                                   complete_first=complete_first)
     rows = list(itertools.islice(stream, budget))
     if len(rows) < budget:
         raise LayershapError(f"only {len(rows)} distinct masks exist in strata {list(keep_sizes)} of "
@@ -55,15 +58,29 @@ def stratified_masks(n_players: int, budget: int, keep_sizes: Sequence[int], *, 
 
 
 def iter_stratified_masks(n_players: int, keep_sizes: Sequence[int], *, seed: int, paired: bool = False,
-                          exclude: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """The endless-until-exhausted stream behind `stratified_masks`; take as many masks as you need."""
+                          exclude: np.ndarray | None = None,
+                          complete_first: Sequence[int] = ()) -> Iterator[np.ndarray]:
+    """The endless-until-exhausted stream behind `stratified_masks`; take as many masks as you need.
+
+    complete_first: strata given in full, each in its own order, before the round-robin over `keep_sizes`
+    begins (a stratum in both is then exhausted and leaves the rotation at once).
+    """
     sizes = _check_sizes(n_players, keep_sizes)
+    first = _check_sizes(n_players, complete_first) if len(complete_first) else []
     seen: set[bytes] = set()
     if exclude is not None:
         exclude = np.asarray(exclude, dtype=bool)
         if exclude.ndim != 2 or exclude.shape[1] != n_players:
             raise LayershapError(f"exclude must be a [masks, {n_players}] array; got shape {exclude.shape}")
         seen.update(row.tobytes() for row in exclude)
+    for size in first:
+        stratum = _Stratum(n_players, size, seed)
+        while (mask := stratum.next_unused(seen, paired)) is not None:
+            seen.add(mask.tobytes())
+            yield mask
+            if paired:
+                seen.add((~mask).tobytes())
+                yield ~mask
     streams = [_Stratum(n_players, size, seed) for size in sizes]
     active = list(range(len(streams)))
     while active:
@@ -144,16 +161,28 @@ class SamplerPreset:
     name: str
     fn: Callable[[int, int | None], list[int]]
     description: str
+    complete: Callable[[int, int | None], list[int]] = lambda n, k: []
 
     def keep_sizes(self, n_players: int, target_removed: int | None = None) -> list[int]:
         if target_removed is not None and not 0 <= target_removed < n_players:
             raise LayershapError(f"can remove 0..{n_players - 1} of {n_players} layers; got {target_removed}")
         return _check_sizes(n_players, self.fn(n_players, target_removed))
 
+    def complete_sizes(self, n_players: int, target_removed: int | None = None) -> list[int]:
+        """Strata measured in full before the rotation starts."""
+        return list(self.complete(n_players, target_removed))
+
+    def stream(self, n_players: int, *, target_removed: int | None = None, seed: int, paired: bool = False,
+               exclude: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        return iter_stratified_masks(n_players, self.keep_sizes(n_players, target_removed), seed=seed,
+                                     paired=paired, exclude=exclude,
+                                     complete_first=self.complete_sizes(n_players, target_removed))
+
     def masks(self, n_players: int, budget: int, *, target_removed: int | None = None, seed: int,
               paired: bool = False, exclude: np.ndarray | None = None) -> np.ndarray:
         return stratified_masks(n_players, budget, self.keep_sizes(n_players, target_removed), seed=seed,
-                                paired=paired, exclude=exclude)
+                                paired=paired, exclude=exclude,
+                                complete_first=self.complete_sizes(n_players, target_removed))
 
 
 def _clip(sizes, n: int) -> list[int]:
@@ -195,6 +224,15 @@ def target_sizes(n: int, target_removed: int | None = None) -> list[int]:
     return sorted(_clip([*range(n - k - 2, n - k + 3), n - 1, n - 2], n), reverse=True)
 
 
+def every_single_removal(n: int, target_removed: int | None = None) -> list[int]:
+    """With a target, the n masks that each drop one block come first, all of them: they give the surrogate
+    every block's cost alone, and the leave-one-out plan for free (`seeds.leave_one_out_seed`). A surrogate
+    that saw only some of them misjudged the rest: on SmolLM2 at k = 10 (other calibration text) the search
+    never measured the plan one swap from its choice that leave-one-out found with 31 passes, 15% better on
+    calibration."""
+    return [n - 1] if target_removed is not None and n > 1 else []
+
+
 SAMPLERS: dict[str, SamplerPreset] = {}
 
 
@@ -204,7 +242,8 @@ def register_sampler(preset: SamplerPreset) -> None:
 
 register_sampler(SamplerPreset("paper", paper_sizes, "the official code's strata: keep 30,27,24,21,18 of 32"))
 register_sampler(SamplerPreset("shapley", shapley_sizes, "every coalition size n..0, for Shapley coverage"))
-register_sampler(SamplerPreset("target", target_sizes, "sizes around the pruning target plus n-1, n-2"))
+register_sampler(SamplerPreset("target", target_sizes, "every single removal, then sizes around the pruning "
+                               "target plus n-1, n-2", every_single_removal))
 
 
 def get_sampler(name: str) -> SamplerPreset:

@@ -39,13 +39,18 @@ def leave_one_out_nll(game: LayerGame) -> list[float]:
     return nlls
 
 
+def loo_scores(base_nll: float, nlls_without) -> list[float]:
+    """Each block's score: how much the calibration NLL rises when it alone is removed (bounded)."""
+    return [bounded_nll(v, base_nll) - base_nll for v in nlls_without]
+
+
 def loo(model, windows, k: int, *, protect=(), batch_size: int = 8, **_) -> Plan:
     start = time.perf_counter()
     n = num_layers(model)
     removable(n, k, protect)
     game = LayerGame(model, windows, batch_size=batch_size)
     base = game.base_nll
-    nlls = [bounded_nll(v, base) for v in leave_one_out_nll(game)]
-    scores = [v - base for v in nlls]
+    scores = loo_scores(base, leave_one_out_nll(game))
     return Plan("loo", n, lowest_scoring(scores, k, protect), scores, forward_passes=game.forward_passes,
-                seconds=time.perf_counter() - start, details={"base_nll": base, "nll_without": nlls})
+                seconds=time.perf_counter() - start,
+                details={"base_nll": base, "nll_without": [base + v for v in scores]})

@@ -3,10 +3,10 @@
 Values come from `layershap.estimate` (stratified masks -> stored evaluations -> surrogate -> Shapley).
 With `plan="lowest"` (the paper, and `--preset paper`) the k blocks with the lowest values are removed. With
 `plan="search"` (the default) half the budget goes to the estimate and half to measuring, on the real model,
-first the one-pass baselines' plans (`layershap.seeds`, one traced pass), then the k-removal plans the
-surrogate rates best (its search seeded with the lowest-value plan) and the swaps around the best plan
-measured so far; the best measured plan wins (`layershap.refine`), and the reported values use every mask
-measured. The record holds the surrogate's
+first the cheap baselines' plans (`layershap.seeds`: ShortGPT and angular from one traced pass, leave-one-out
+from the estimate's single removals), then the k-removal plans the surrogate rates best (its search seeded
+with the lowest-value plan) and the swaps around the best plan measured so far; the best measured plan wins
+(`layershap.refine`), and the reported values use every mask measured. The record holds the surrogate's
 predicted and the measured calibration perplexity of the chosen plan.
 """
 
@@ -28,7 +28,7 @@ from layershap.estimate import (
 from layershap.game import LayerGame
 from layershap.methods.base import Plan, lowest_scoring
 from layershap.refine import refine
-from layershap.seeds import one_pass_seeds
+from layershap.seeds import leave_one_out_seed, one_pass_seeds
 from layershap.store import open_store
 
 
@@ -44,6 +44,8 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
             first = estimate(game, db, replace(settings, budget=max(MIN_BUDGET, settings.budget // 2)))
             seeds = one_pass_seeds(model, windows, k, protect=protect, batch_size=batch_size)
             traced = 1 if seeds else 0
+            loo_plan = leave_one_out_seed(first.masks, first.nlls, k, protect=protect)
+            seeds += [loo_plan] if loo_plan is not None and loo_plan not in seeds else []
             refined = refine(game, db, first.masks, first.nlls, k=k, budget=settings.budget - traced,
                              surrogate=settings.surrogate, seed=settings.seed, protect=protect,
                              start=[lowest_scoring(first.shapley, k, protect)], seeds=seeds)
