@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--curve", default="", help="budgets for the perplexity-vs-evaluations curve")
     parser.add_argument("--curve-store", default=None, help="directory for the curve's stores (kept for reruns)")
+    parser.add_argument("--curve-methods", default="shapley,paper", help="methods on the curve")
     parser.add_argument("--calibration-start", type=int, default=0,
                         help="first character of the C4 calibration windows (ANCHORS: 0)")
     parser.add_argument("--json", default=None)
@@ -101,7 +102,7 @@ def main() -> None:
     stores = {}
     for budget in sorted(int(v) for v in args.curve.split(",") if v):
         for k in (int(v) for v in args.ks.split(",")):
-            for method in ("shapley", "paper"):
+            for method in (m for m in args.curve_methods.split(",") if m):
                 if (method, k) not in stores:
                     stores[method, k] = (Path(args.curve_store) / f"{method}-k{k}.sqlite" if args.curve_store
                                          else scratch_store(None))
