@@ -6,9 +6,9 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from layershap.data import TextWindows
-from layershap.methods import select_layers
 from layershap.estimate import EstimateSettings, sample_masks
 from layershap.game import LayerGame
+from layershap.methods import select_layers
 from layershap.seeds import leave_one_out_seed, one_pass_seeds
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from layershap.estimate import evaluate_masks
 from layershap.game import LayerGame, bounded_nll
-from layershap.search import removal_mask, single_swaps, top_removal_masks
+from layershap.search import allowed_blocks, removal_mask, single_swaps, top_removal_masks
 from layershap.store import EvaluationStore
 from layershap.surrogate import make_surrogate
 
@@ -89,7 +89,7 @@ def _unmeasured_neighbours(predict, masks, best, protect, *, wanted: int) -> lis
     predicted first."""
     if best is None or wanted <= 0:
         return []
-    allowed = np.array([i for i in range(len(best)) if i not in set(protect)])
+    allowed = allowed_blocks(len(best), protect)
     seen = {m.tobytes() for m in masks}
     fresh = np.array([m for m in single_swaps(best, allowed) if m.tobytes() not in seen])
     if len(fresh) == 0:

@@ -23,7 +23,7 @@ def top_removal_masks(predict: Predict, n: int, k: int, *, protect: Sequence[int
     start: extra removal sets (e.g. the k lowest Shapley values) polished by the swap search and ranked
     with the beam's results.
     """
-    allowed = np.array([i for i in range(n) if i not in set(protect)])
+    allowed = allowed_blocks(n, protect)
     if k == 0:
         return [np.ones(n, dtype=bool)]
     frontier = [np.ones(n, dtype=bool)]
@@ -71,6 +71,11 @@ def single_swaps(mask: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     swaps[rows, np.repeat(removed, len(kept))] = True
     swaps[rows, np.tile(kept, len(removed))] = False
     return swaps
+
+
+def allowed_blocks(n: int, protect: Sequence[int] = ()) -> np.ndarray:
+    """The blocks a plan may remove: all n but the protected ones."""
+    return np.array([i for i in range(n) if i not in set(protect)])
 
 
 def removal_mask(n: int, removal: Sequence[int]) -> np.ndarray:

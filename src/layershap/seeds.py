@@ -23,6 +23,7 @@ from layershap.methods.loo import loo_scores
 from layershap.methods.shortgpt import BlockInfluence
 from layershap.models.layers import num_layers
 from layershap.models.trace import traced_pass
+from layershap.search import removal_mask
 
 
 def one_pass_seeds(model, windows, k: int, *, protect: Sequence[int] = (), batch_size: int = 8) -> list[list[int]]:
@@ -57,10 +58,7 @@ def leave_one_out_seed(masks: np.ndarray, nlls: np.ndarray, k: int, *, protect: 
     if k == 0:
         return None
     nll_of = {m.tobytes(): float(v) for m, v in zip(masks, nlls)}
-    singles = [np.ones(n, dtype=bool) for _ in range(n)]
-    for i, mask in enumerate(singles):
-        mask[i] = False
-    wanted = [np.ones(n, dtype=bool), *singles]
+    wanted = [removal_mask(n, []), *(removal_mask(n, [i]) for i in range(n))]
     if any(m.tobytes() not in nll_of for m in wanted):
         return None
     base, *without = (nll_of[m.tobytes()] for m in wanted)

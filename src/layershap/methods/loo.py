@@ -50,7 +50,7 @@ def loo(model, windows, k: int, *, protect=(), batch_size: int = 8, **_) -> Plan
     removable(n, k, protect)
     game = LayerGame(model, windows, batch_size=batch_size)
     base = game.base_nll
-    scores = loo_scores(base, leave_one_out_nll(game))
+    nlls = [bounded_nll(v, base) for v in leave_one_out_nll(game)]
+    scores = loo_scores(base, nlls)
     return Plan("loo", n, lowest_scoring(scores, k, protect), scores, forward_passes=game.forward_passes,
-                seconds=time.perf_counter() - start,
-                details={"base_nll": base, "nll_without": [base + v for v in scores]})
+                seconds=time.perf_counter() - start, details={"base_nll": base, "nll_without": nlls})
