@@ -168,9 +168,9 @@ def _apply(model, arch, parent, attr, original, kept: list[int]) -> list:
                 undo.append(lambda c=config, k=bound_key, v=value: setattr(c, k, v))
 
     for new_pos, old_pos in enumerate(kept):
-        for module in original[old_pos].modules():
+        for module in _walk(original[old_pos]):
             for name in arch.index_attrs:
-                value = getattr(module, name, None)
+                value = vars(module).get(name)  # plain attributes only: nn.Module's __getattr__ is slow to miss
                 if isinstance(value, int) and not isinstance(value, bool) and value != new_pos:
                     setattr(module, name, new_pos)
                     undo.append(lambda m=module, k=name, v=value: setattr(m, k, v))
@@ -181,8 +181,19 @@ def _configs_of(model) -> list:
     """The config objects that may describe the block stack: the top one and any nested one that a
     submodule holds (only those whose layer count equals the stack's length are edited)."""
     configs = [model.config]
-    for module in model.modules():
-        config = getattr(module, "config", None)
+    for module in _walk(model):
+        config = vars(module).get("config")
         if config is not None and hasattr(config, "to_dict") and all(config is not c for c in configs):
             configs.append(config)
     return configs
+
+
+def _walk(root: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Every submodule, root first: `Module.modules()` without its name strings and memo, which made
+    `keep_only` cost ~1 ms per call on a 32-block model (3% of a 7B model's masked pass on an H200). A module
+    shared by two parents is visited twice, which both callers tolerate."""
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        yield module
+        stack.extend(child for child in reversed(module._modules.values()) if child is not None)
