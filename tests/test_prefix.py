@@ -49,3 +49,13 @@ def test_cache_limit_falls_back_to_plain():
     masks = _masks(6, 6, seed=2)
     assert not evaluator.enabled
     np.testing.assert_array_equal(evaluator.nlls(masks), plain_nlls(model, tokens, masks))
+
+
+def test_cache_budget_is_fixed_on_the_host_and_a_share_of_free_memory_on_a_gpu(monkeypatch):
+    from layershap.evaluate import prefix
+
+    assert prefix.cache_budget_bytes(torch.device("cpu")) == prefix.DEFAULT_CACHE_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 << 30, 140 << 30))
+    assert prefix.cache_budget_bytes(torch.device("cuda")) == 25 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 140 << 30))
+    assert prefix.cache_budget_bytes(torch.device("cuda")) == 1 << 28  # a nearly full GPU: less than on the host

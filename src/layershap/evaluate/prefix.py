@@ -19,8 +19,10 @@ from layershap.evaluate.perplexity import batch_nll, mean_nll
 from layershap.models.architectures import architecture_of
 from layershap.models.layers import block_list, keep_only
 
-# Hidden states kept for resuming, across all window batches; above this the plain path is used.
+# Hidden states kept for resuming, across all window batches; above this the plain path is used. On a GPU
+# the states live in its memory, so the budget there is a share of what is free instead.
 DEFAULT_CACHE_BYTES = 2 << 30
+GPU_FREE_MEMORY_SHARE = 0.25
 
 
 def visiting_order(masks: np.ndarray) -> np.ndarray:
@@ -33,6 +35,16 @@ def supports_prefix_sharing(model) -> bool:
     return architecture_of(model).prefix_sharing
 
 
+def cache_budget_bytes(device: torch.device) -> int:
+    """How many bytes of cached states to allow: 2 GiB in host memory; on a CUDA device a quarter of its free
+    memory, so a large calibration set (32 windows of 512 tokens on a 7B model: 4.1 GiB) still resumes
+    from shared prefixes on a GPU that has the room (measured on an H200: docs/benchmarks.md)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_FREE_MEMORY_SHARE)
+    return DEFAULT_CACHE_BYTES
+
+
 class PrefixSharingEvaluator:
     """Mean NLL of keep-masks over fixed windows, resuming from cached block outputs.
 
@@ -41,7 +53,7 @@ class PrefixSharingEvaluator:
     """
 
     def __init__(self, model, tokens: torch.Tensor, *, batch_size: int = 8,
-                 max_cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 max_cache_bytes: int | None = None):
         self.model = model
         self.tokens = tokens
         self.batch_size = batch_size
@@ -50,7 +62,10 @@ class PrefixSharingEvaluator:
         self._states: dict[int, list[torch.Tensor | None]] = {}
         self._path: np.ndarray | None = None
         hidden = getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)
-        per_depth = tokens.numel() * hidden * next(model.parameters()).element_size()
+        weight = next(model.parameters())
+        per_depth = tokens.numel() * hidden * weight.element_size()
+        if max_cache_bytes is None:
+            max_cache_bytes = cache_budget_bytes(weight.device)
         self.enabled = supports_prefix_sharing(model) and per_depth * (self.n + 1) <= max_cache_bytes
 
     def nlls(self, masks: np.ndarray, on_result: Callable[[int, float], None] | None = None) -> np.ndarray:
