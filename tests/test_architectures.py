@@ -329,3 +329,39 @@ def test_rwkv_loaded_by_layershap_skips_exactly(tmp_path, tiny_tokenizer):
     pruned = prune_layers(copy.deepcopy(model), remove=list(remove))
     torch.testing.assert_close(skipped, logits(pruned, ids), rtol=0, atol=0)
     torch.testing.assert_close(skipped, logits(reference_removal(model, [1, 2, 4, 5]), ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_half_precision_checkpoint_is_saved_in_its_own_dtype(tmp_path, tiny_tokenizer, tied):
+    """load_model widens a bfloat16 checkpoint to float32 on a CPU; the pruned checkpoint must come back in
+    bfloat16 (not at twice the size), hold exactly the pruned weights rounded to bfloat16, and load as
+    bfloat16 with plain transformers, while the model in memory stays float32."""
+    original = tiny_model("llama")
+    original.config.tie_word_embeddings = tied
+    original.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tiny_tokenizer.save_pretrained(tmp_path / "bf16")
+    model, tokenizer = layershap.load_model(str(tmp_path / "bf16"), device="cpu")
+    assert next(model.parameters()).dtype == torch.float32
+    prune_layers(model, [1, 4])
+    out = save_pruned(model, tokenizer, tmp_path / "pruned")
+
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert next(model.parameters()).dtype == torch.float32
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert next(reloaded.parameters()).dtype == torch.bfloat16
+    assert reloaded.config.num_hidden_layers == N - 2
+    expected = model.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, expected[name].to(torch.bfloat16)), name
+    assert sum(p.stat().st_size for p in out.glob("*.safetensors")) < \
+        sum(p.stat().st_size for p in (tmp_path / "bf16").glob("*.safetensors"))
+
+
+def test_float32_checkpoint_is_saved_as_it_is(tmp_path, tiny_tokenizer):
+    tiny_model("llama").save_pretrained(tmp_path / "fp32")
+    tiny_tokenizer.save_pretrained(tmp_path / "fp32")
+    model, tokenizer = layershap.load_model(str(tmp_path / "fp32"), device="cpu")
+    out = save_pruned(prune_layers(model, [0]), tokenizer, tmp_path / "pruned")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert next(reloaded.parameters()).dtype == torch.float32

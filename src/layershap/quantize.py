@@ -258,7 +258,7 @@ def save_quantized(model, tokenizer, out, record: dict | None = None) -> Path:
     quantization = quantization_of(model)
     if quantization is None or "scheme" not in quantization:
         raise LayershapError("save_quantized needs a model quantized by layershap.quantize.quantize_model")
-    out = save_pruned(model, tokenizer, out)
+    out = save_pruned(model, tokenizer, out, keep_checkpoint_dtype=False)
     record = dict(record or {})
     record["quantization"] = {**record.get("quantization", {}), **quantization,
                               "checkpoint_bytes": checkpoint_bytes(out)}

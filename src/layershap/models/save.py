@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layershap.io import write_json
+import torch
+
+from layershap.io import read_json, write_json
 from layershap.models.layers import check_editable
 
 
-def save_pruned(model, tokenizer, out_dir, record: dict | None = None) -> Path:
+def save_pruned(model, tokenizer, out_dir, record: dict | None = None, *, keep_checkpoint_dtype: bool = True) -> Path:
     """`save_pretrained` the model and tokenizer into out_dir and write `layershap.json` beside them.
+
+    A model that `load_model` widened to float32 (the CPU default) is written in its checkpoint's own
+    precision again (`saved_dtype`): a bfloat16 checkpoint pruned on a laptop must not come back at twice its
+    size. The model in memory is left as it is. `keep_checkpoint_dtype=False` writes the tensors as they are
+    (quantized models: torchao's tensors must not be cast).
 
     Refuses (like `prune_layers`) a model whose config lacks its family's `save_config` values: setting them
     only now could be too late (RWKV rescales its weights in place on its first inference pass).
@@ -17,7 +24,14 @@ def save_pruned(model, tokenizer, out_dir, record: dict | None = None) -> Path:
     check_editable(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    dtype = saved_dtype(model) if keep_checkpoint_dtype else None
+    if dtype is None:
+        model.save_pretrained(out)
+    else:
+        state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                 for name, tensor in model.state_dict().items()}
+        model.save_pretrained(out, state_dict=state)
+        _write_config_dtype(out, dtype)  # save_pretrained writes the dtype of the model in memory
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if record is not None:
@@ -25,11 +39,27 @@ def save_pruned(model, tokenizer, out_dir, record: dict | None = None) -> Path:
     return out
 
 
+def saved_dtype(model) -> torch.dtype | None:
+    """The narrower dtype to write a float32 model in: its checkpoint's half-precision dtype, recorded by
+    `load_model`; None (write as it is) for anything else."""
+    from layershap.models.load import CHECKPOINT_DTYPE_ATTR
+
+    stored = getattr(model, CHECKPOINT_DTYPE_ATTR, None)
+    running = next(model.parameters()).dtype
+    return stored if running == torch.float32 and stored in (torch.bfloat16, torch.float16) else None
+
+
+def _write_config_dtype(out: Path, dtype: torch.dtype) -> None:
+    path = out / "config.json"
+    config = read_json(path)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    write_json(path, config)
+
+
 def inherited_record(model_name: str | None, model) -> dict:
     """The `layershap.json` of the directory a model was loaded from (so prune -> heal -> quantize keeps one
     history), or a fresh record naming the model; the version is always this layershap's."""
     from layershap import __version__
-    from layershap.io import read_json
     from layershap.models.load import model_label
 
     record: dict = {}
