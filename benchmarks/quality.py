@@ -11,6 +11,7 @@ budgets did not measure, and is otherwise the same run as on a fresh store.
     python benchmarks/quality.py --json quality.json
     python benchmarks/quality.py --methods shapley,paper,shortgpt --ks 7 --curve 32,64,128,256 --json q.json
     python benchmarks/quality.py --methods shapley,shortgpt,angular,loo --calibration-start 300000 --json q3.json
+    python benchmarks/quality.py --methods shapley,shortgpt,angular,loo,sleb --calibration-samples 16 --json q16.json
 """
 
 from __future__ import annotations
@@ -80,9 +81,12 @@ def main() -> None:
     parser.add_argument("--curve-methods", default="shapley,paper", help="methods on the curve")
     parser.add_argument("--calibration-start", type=int, default=0,
                         help="first character of the C4 calibration windows (ANCHORS: 0)")
+    parser.add_argument("--calibration-samples", type=int, default=8,
+                        help="calibration windows of 128 tokens, the same for every method (ANCHORS: 8)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    model, _, calibration, evaluation = anchors_setup(calibration_start=args.calibration_start)
+    model, _, calibration, evaluation = anchors_setup(calibration_samples=args.calibration_samples,
+                                                      calibration_start=args.calibration_start)
     with keep_only(model, np.ones(30, dtype=bool)):
         dense = perplexity(model, evaluation.tokens)
     print(f"dense wiki ppl={dense:.2f}")
@@ -90,6 +94,7 @@ def main() -> None:
 
     def save():  # after every row, so that a long run stopped early keeps what it measured
         write_result(args.json, {"budget": args.budget, "calibration_start": args.calibration_start,
+                                 "calibration_samples": args.calibration_samples,
                                  "dense_ppl": {"wiki": dense}, "rows": rows, "curve": curve})
 
     for method in (m for m in args.methods.split(",") if m):
