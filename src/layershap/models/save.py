@@ -52,7 +52,10 @@ def saved_dtype(model) -> torch.dtype | None:
 def _write_config_dtype(out: Path, dtype: torch.dtype) -> None:
     path = out / "config.json"
     config = read_json(path)
-    config["dtype"] = str(dtype).removeprefix("torch.")
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:  # the key's name before transformers 4.56
+        config["torch_dtype"] = name
     write_json(path, config)
 
 
