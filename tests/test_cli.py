@@ -107,3 +107,18 @@ def test_prune_shortgpt_end_to_end(capsys, tiny_model_dir, long_text_file, tmp_p
     assert code == 0
     measured = json.loads(stdout)["ppl"][str(long_text_file)]
     assert measured == pytest.approx(record["ppl_after"][str(long_text_file)], rel=1e-4)
+
+
+def test_local_directory_that_fails_to_load_is_not_called_missing(capsys, tiny_model_dir, tmp_path):
+    """A local checkpoint that transformers cannot read (here: its tokenizer is gone) must be reported as
+    that, not as a hub id that the hub did not provide."""
+    import shutil
+    from pathlib import Path
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    for path in Path(broken).glob("*token*"):
+        path.unlink()
+    code, _, err = run_cli(["layers", "--model", broken], capsys)
+    _assert_one_line_error(code, err, f"could not load the model in {broken}")
+    assert "Hugging Face Hub" not in err

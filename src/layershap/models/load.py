@@ -118,6 +118,9 @@ def _load_failure(name: str | None, exc: Exception) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if name is None:
         return f"could not load the embedded default model ({first}); delete {cache_dir()} and retry"
+    if Path(name).expanduser().exists():
+        return (f"could not load the model in {name} ({first}); check that it holds a complete checkpoint and "
+                "tokenizer, written by a transformers version no newer than the installed one")
     return (f"could not load model {name!r}: it is not a local directory and the Hugging Face Hub did not "
             f"provide it ({first})")
 
