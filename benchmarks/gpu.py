@@ -115,10 +115,10 @@ def whole_runs(model, tokens: torch.Tensor, budget: int, k: int, scratch: Path) 
     started = time.perf_counter()
     plan = select_layers("shapley", model, tokens, k, store=scratch / "search.sqlite")
     search = time.perf_counter() - started
+    fit = {key: value for key, value in result.surrogate_fit.items() if key != "holdout"}
     return {"estimate_seconds": total, "estimate_evaluations": result.evaluations,
-            "estimate_surrogate_and_shapley_seconds": modelling,
-            "estimate_surrogate_fit": {key: value for key, value in result.surrogate_fit.items() if key != "holdout"}, "search_seconds": search,
-            "search_forward_passes": plan.forward_passes, "search_removes": plan.remove}
+            "estimate_surrogate_and_shapley_seconds": modelling, "estimate_surrogate_fit": fit,
+            "search_seconds": search, "search_forward_passes": plan.forward_passes, "search_removes": plan.remove}
 
 
 def main() -> None:
