@@ -73,14 +73,17 @@ def iter_stratified_masks(n_players: int, keep_sizes: Sequence[int], *, seed: in
         if exclude.ndim != 2 or exclude.shape[1] != n_players:
             raise LayershapError(f"exclude must be a [masks, {n_players}] array; got shape {exclude.shape}")
         seen.update(row.tobytes() for row in exclude)
+
+    def emit(mask: np.ndarray) -> Iterator[np.ndarray]:
+        """The mask, then its complement when paired, each marked as seen."""
+        for row in (mask, ~mask) if paired else (mask,):
+            seen.add(row.tobytes())
+            yield row
+
     for size in first:
         stratum = _Stratum(n_players, size, seed)
         while (mask := stratum.next_unused(seen, paired)) is not None:
-            seen.add(mask.tobytes())
-            yield mask
-            if paired:
-                seen.add((~mask).tobytes())
-                yield ~mask
+            yield from emit(mask)
     streams = [_Stratum(n_players, size, seed) for size in sizes]
     active = list(range(len(streams)))
     while active:
@@ -89,12 +92,7 @@ def iter_stratified_masks(n_players: int, keep_sizes: Sequence[int], *, seed: in
             if mask is None:
                 active.remove(index)
                 continue
-            seen.add(mask.tobytes())
-            yield mask
-            if paired:
-                complement = ~mask
-                seen.add(complement.tobytes())
-                yield complement
+            yield from emit(mask)
 
 
 class _Stratum:
