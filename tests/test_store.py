@@ -21,6 +21,9 @@ def test_put_get_roundtrip_and_divergence(tmp_path):
     store.close()
     reopened = EvaluationStore(tmp_path / "s.sqlite", model_fp="abc", n_layers=4)
     assert reopened.count("ctx") == 2
+    everything = reopened.all_nlls("ctx")
+    assert set(everything) == {mask_key(masks[0]), mask_key(masks[1])} and everything[mask_key(masks[0])] == 2.5
+    assert np.isnan(everything[mask_key(masks[1])]) and reopened.all_nlls("other") == {}
 
 
 def test_store_of_another_model_is_refused_and_untouched(tmp_path):

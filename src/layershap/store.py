@@ -104,6 +104,12 @@ class EvaluationStore:
             found.update({mask: (float("nan") if nll is None else nll) for mask, nll in rows})
         return found
 
+    def all_nlls(self, context: str) -> dict[str, float]:
+        """Every stored NLL in one context, by mask key (NaN stands for a diverged model): what a run
+        measured, for analysis after the fact."""
+        rows = self._db.execute("SELECT mask, nll FROM evaluations WHERE context = ?", (context,)).fetchall()
+        return {mask: (float("nan") if nll is None else nll) for mask, nll in rows}
+
     def put(self, context: str, mask, nll: float, seconds: float) -> None:
         """Commit one evaluation now (NaN and inf are kept: stored as NULL, i.e. diverged)."""
         value = nll if np.isfinite(nll) else None
