@@ -22,10 +22,15 @@ def anchors_setup(calibration_samples: int = 8, calibration_len: int = 128, eval
     """calibration_start: the character of C4 the calibration windows start at (ANCHORS: 0); another start
     repeats the race on other calibration text, to see which wins survive a different draw."""
     model, tokenizer = layershap.load_model()
-    calibration = contiguous_windows("c4", tokenizer, samples=calibration_samples, seq_len=calibration_len,
-                                     start_char=calibration_start)
+    calibration = calibration_windows(tokenizer, calibration_start, calibration_samples, calibration_len)
     evaluation = contiguous_windows("wiki", tokenizer, samples=eval_samples, seq_len=eval_len, start_char=100_000)
     return model, tokenizer, calibration, evaluation
+
+
+def calibration_windows(tokenizer, start: int = 0, samples: int = 8, seq_len: int = 128):
+    """The C4 calibration windows from character `start` (ANCHORS: 0), for another draw without reloading
+    the model."""
+    return contiguous_windows("c4", tokenizer, samples=samples, seq_len=seq_len, start_char=start)
 
 
 def scratch_store(path: str | None) -> Path:
@@ -56,4 +61,3 @@ def timed_interleaved(fns: dict, repeats: int, synchronize=lambda: None) -> dict
             synchronize()
             times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
-

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _setup import anchors_setup, write_result
+from _setup import anchors_setup, calibration_windows, write_result
 from scipy.stats import spearmanr
 
 from layershap.estimate import EstimateSettings, evaluate_masks, measurement_context
@@ -143,22 +143,22 @@ def main() -> None:
     parser.add_argument("--climb", default="", help="removal set to hill-climb from on the held-out windows")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    model, _, _, evaluation = anchors_setup()
+    model, tokenizer, _, evaluation = anchors_setup()
     held_out = HeldOut(model, evaluation, Path(args.store_dir) / "held-out-wiki.sqlite")
     if args.climb:
         write_result(args.json, climb(held_out, [int(v) for v in args.climb.split(",")], num_layers(model)))
         return
     result = {"draws": []}
     for start in (int(v) for v in args.starts.split(",")):
-        _, _, calibration, _ = anchors_setup(calibration_start=start)
-        store = Path(args.store_dir) / f"c4-{start}.sqlite"
-        store.parent.mkdir(parents=True, exist_ok=True)
-        rows = replay_draw(model, calibration, held_out, [int(v) for v in args.ks.split(",")], args.top, store)
+        store = Path(args.store_dir) / f"c4-{start}.sqlite"  # open_store creates the directory
+        rows = replay_draw(model, calibration_windows(tokenizer, start), held_out, [int(v) for v in args.ks.split(",")],
+                           args.top, store)
         result["draws"].append({"calibration_start": start, "rows": rows})
         for row in rows:
             picks = "  ".join(f"{name}: {ppl:.2f}" for name, ppl in row["picks"].items())
             print(f"C4@{start} k={row['k']}  best candidate {row['best_candidate']:.2f}  {picks}", flush=True)
-        write_result(args.json, result) if args.json else None
+        if args.json:  # after every draw, so that a run stopped early keeps what it measured
+            write_result(args.json, result)
     write_result(args.json, result)
 
 

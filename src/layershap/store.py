@@ -101,14 +101,14 @@ class EvaluationStore:
             rows = self._db.execute(
                 f"SELECT mask, nll FROM evaluations WHERE context = ? AND mask IN ({','.join('?' * len(chunk))})",
                 [context, *chunk]).fetchall()
-            found.update({mask: (float("nan") if nll is None else nll) for mask, nll in rows})
+            found.update({mask: _stored_nll(nll) for mask, nll in rows})
         return found
 
     def all_nlls(self, context: str) -> dict[str, float]:
         """Every stored NLL in one context, by mask key (NaN stands for a diverged model): what a run
         measured, for analysis after the fact."""
         rows = self._db.execute("SELECT mask, nll FROM evaluations WHERE context = ?", (context,)).fetchall()
-        return {mask: (float("nan") if nll is None else nll) for mask, nll in rows}
+        return {mask: _stored_nll(nll) for mask, nll in rows}
 
     def put(self, context: str, mask, nll: float, seconds: float) -> None:
         """Commit one evaluation now (NaN and inf are kept: stored as NULL, i.e. diverged)."""
@@ -136,6 +136,11 @@ class EvaluationStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _stored_nll(value: float | None) -> float:
+    """A stored NLL as read back: NULL (a diverged model, see `put`) becomes NaN."""
+    return float("nan") if value is None else value
 
 
 def open_store(model, path=None) -> EvaluationStore:
