@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import layershap
-from layershap.data import contiguous_windows
+from layershap.data.windows import contiguous_windows
 
 
 def anchors_setup(calibration_samples: int = 8, calibration_len: int = 128, eval_samples: int = 16,

@@ -63,9 +63,9 @@ import torch
 from _setup import write_result
 from scipy.stats import spearmanr
 
-from layershap.estimate import EstimateSettings, sample_masks, values_from_utilities
-from layershap.methods.shapiq_estimators import ESTIMATORS
-from layershap.shapley import exact_shapley
+from layershap.estimate.pipeline import EstimateSettings, sample_masks, values_from_utilities
+from layershap.estimate.shapley import exact_shapley
+from layershap.plan.methods.shapiq_estimators import ESTIMATORS
 
 ValueFn = Callable[[np.ndarray], np.ndarray]
 
@@ -140,11 +140,11 @@ def measured_game(name: str, store_dir: Path) -> ExactGame:
     truncated: the model cut to its first 12 blocks (final norm and head kept), players those 12 blocks.
     """
     import layershap
-    from layershap.data import contiguous_windows
-    from layershap.estimate import evaluate_masks
-    from layershap.game import LayerGame
+    from layershap.data.windows import contiguous_windows
+    from layershap.game.layer_game import LayerGame
+    from layershap.game.measure import evaluate_masks
+    from layershap.game.store import open_store
     from layershap.models.layers import num_layers, prune_layers
-    from layershap.store import open_store
 
     model, tokenizer = layershap.load_model()
     if name == "truncated":

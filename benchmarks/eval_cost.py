@@ -20,10 +20,10 @@ import time
 import numpy as np
 from _setup import anchors_setup, timed_interleaved, write_result
 
-from layershap.estimate import EstimateSettings, sample_masks
-from layershap.evaluate.perplexity import mean_nll
-from layershap.evaluate.prefix import plain_nlls
-from layershap.game import LayerGame
+from layershap.estimate.pipeline import EstimateSettings, sample_masks
+from layershap.game.layer_game import LayerGame
+from layershap.game.nll import mean_nll
+from layershap.game.prefix import plain_nlls
 from layershap.models.layers import keep_only
 
 

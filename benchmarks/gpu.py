@@ -9,7 +9,7 @@ What it reports, on the calibration size `prune` uses (8 windows of 128 tokens) 
 - full / outside / masked pass seconds, `head_fraction` and `skip_cost_ratio` as in `eval_cost.py`;
 - `batch_cost_ratio`: average seconds per mask over a `--budget` sample evaluated with prefix sharing
   (`LayerGame.measure`) / one full pass, and whether those NLLs equal the plain path's bit for bit;
-- `estimate_seconds`: one whole `layershap.estimate.estimate` at that budget (masks, evaluations into a
+- `estimate_seconds`: one whole `layershap.estimate.pipeline.estimate` at that budget (masks, evaluations into a
   fresh store, surrogate, Shapley values), split into evaluation and surrogate + Shapley time;
 - `search_seconds`: the default `shapley` method's whole plan search at that budget (fresh store);
 - peak GPU memory.
@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from _setup import timed_interleaved, write_result
 
-from layershap.estimate import EstimateSettings, estimate, estimate_from_measurements, sample_masks
-from layershap.evaluate.perplexity import mean_nll
-from layershap.evaluate.prefix import plain_nlls
-from layershap.game import LayerGame
-from layershap.methods import select_layers
+from layershap.estimate.pipeline import EstimateSettings, estimate, estimate_from_measurements, sample_masks
+from layershap.game.layer_game import LayerGame
+from layershap.game.nll import mean_nll
+from layershap.game.prefix import plain_nlls
+from layershap.game.store import open_store
 from layershap.models.layers import keep_only, num_layers
-from layershap.store import open_store
+from layershap.plan.methods import select_layers
 
 
 def synchronize(device: torch.device) -> None:

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 from _setup import anchors_setup, scratch_store, write_result
 
-from layershap.estimate import EstimateSettings, preset_settings
-from layershap.evaluate.perplexity import perplexity
-from layershap.methods import select_layers
-from layershap.methods.base import Plan, lowest_scoring
+from layershap.estimate.pipeline import EstimateSettings, preset_settings
+from layershap.game.nll import perplexity
 from layershap.models.layers import keep_only
+from layershap.plan.methods import select_layers
+from layershap.plan.methods.base import Plan, lowest_scoring
 
 # Methods that score every block once and remove the k lowest: their scores do not depend on k, so one run
 # serves every k, at the same cost (each later k's row says which run it reused).

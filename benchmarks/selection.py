@@ -32,12 +32,14 @@ import torch.nn.functional as F
 from _setup import anchors_setup, calibration_windows, write_result
 from scipy.stats import spearmanr
 
-from layershap.estimate import EstimateSettings, evaluate_masks, measurement_context
-from layershap.game import LayerGame
-from layershap.methods import select_layers
+from layershap.estimate.pipeline import EstimateSettings
+from layershap.game.context import measurement_context
+from layershap.game.layer_game import LayerGame
+from layershap.game.measure import evaluate_masks
+from layershap.game.store import mask_key, open_store
 from layershap.models.layers import keep_only, num_layers
-from layershap.search import removal_mask, single_swaps
-from layershap.store import mask_key, open_store
+from layershap.plan.methods import select_layers
+from layershap.plan.search import removal_mask, single_swaps
 
 BASELINES = ("angular", "loo", "shortgpt")
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from _setup import write_result
 
-from layershap.sampling import paper_sizes, stratified_masks
-from layershap.shapley import sampled_shapley
-from layershap.surrogate import PaperMLP
+from layershap.estimate.sampling import paper_sizes, stratified_masks
+from layershap.estimate.shapley import sampled_shapley
+from layershap.estimate.surrogate import PaperMLP
 
 
 def official_loop(network: torch.nn.Module, base_masks: np.ndarray, n: int) -> np.ndarray:

@@ -14,10 +14,11 @@ import argparse
 import numpy as np
 from _setup import anchors_setup, scratch_store, write_result
 
-from layershap.estimate import EstimateSettings, evaluate_masks, sample_masks
-from layershap.game import UTILITIES, LayerGame
-from layershap.store import open_store
-from layershap.surrogate import SURROGATES, held_out_fit
+from layershap.estimate.pipeline import EstimateSettings, sample_masks
+from layershap.estimate.surrogate import SURROGATES, held_out_fit
+from layershap.game.layer_game import UTILITIES, LayerGame
+from layershap.game.measure import evaluate_masks
+from layershap.game.store import open_store
 
 
 def main() -> None:

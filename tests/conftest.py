@@ -111,7 +111,7 @@ def long_text_file(tmp_path_factory):
 
 def run_cli(args, capsys):
     """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    from layershap.cli import main
+    from layershap.cli.app import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([str(a) for a in args])

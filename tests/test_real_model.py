@@ -8,7 +8,7 @@ import torch
 from conftest import run_cli
 
 import layershap
-from layershap.evaluate.perplexity import perplexity
+from layershap.game.nll import perplexity
 from layershap.models.layers import keep_only
 
 pytestmark = pytest.mark.real_model

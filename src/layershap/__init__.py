@@ -7,6 +7,8 @@ and `--help` stay instant (torch and transformers load on first use).
 
 from importlib import import_module
 
+from layershap import _moved
+
 __version__ = "0.1.0"
 
 _PUBLIC = {
@@ -17,18 +19,20 @@ _PUBLIC = {
     "keep_only": "layershap.models.layers",
     "prune_layers": "layershap.models.layers",
     "save_pruned": "layershap.models.save",
-    "text_windows": "layershap.data",
-    "TextWindows": "layershap.data",
-    "mean_nll": "layershap.evaluate.perplexity",
-    "perplexity": "layershap.evaluate.perplexity",
-    "LayerGame": "layershap.game",
-    "UTILITIES": "layershap.game",
-    "Plan": "layershap.methods.base",
-    "METHODS": "layershap.methods",
-    "select_layers": "layershap.methods",
+    "text_windows": "layershap.data.windows",
+    "TextWindows": "layershap.data.windows",
+    "mean_nll": "layershap.game.nll",
+    "perplexity": "layershap.game.nll",
+    "LayerGame": "layershap.game.layer_game",
+    "UTILITIES": "layershap.game.layer_game",
+    "Plan": "layershap.plan.methods.base",
+    "METHODS": "layershap.plan.methods",
+    "select_layers": "layershap.plan.methods",
 }
 
 __all__ = ["__version__", *_PUBLIC]  # noqa: PLE0604
+
+_moved.install()  # old flat import paths (layershap.store, ...) still import, with a DeprecationWarning
 
 
 def __getattr__(name):

@@ -11,39 +11,15 @@ from pathlib import Path
 
 from layershap import __version__
 from layershap.config import versions, write_run_config
-from layershap.data import text_windows
+from layershap.data.windows import text_windows
 from layershap.errors import LayershapError
-from layershap.evaluate.perplexity import perplexity
+from layershap.game.nll import perplexity
 from layershap.io import read_json, write_json
-from layershap.methods import select_layers
 from layershap.models.layers import normalise_layer_list, num_layers, prune_layers
 from layershap.models.load import model_label
 from layershap.models.save import save_pruned
-
-
-def check_ratio(ratio: float) -> None:
-    if not 0.0 < ratio < 1.0:
-        raise LayershapError(f"--ratio must lie strictly between 0 and 1; got {ratio}")
-
-
-def layers_to_remove(ratio: float, n_layers: int) -> int:
-    """round(ratio * n), refused when that would remove no block or every block."""
-    check_ratio(ratio)
-    k = round(ratio * n_layers)
-    if k < 1:
-        raise LayershapError(f"--ratio {ratio} removes no block of {n_layers} (round({ratio} * {n_layers}) = 0); "
-                             f"use at least {0.5 / n_layers:.3f}")
-    if k >= n_layers:
-        raise LayershapError(f"--ratio {ratio} would remove all {n_layers} blocks; use a smaller ratio")
-    return k
-
-
-def perplexities(model, tokenizer, data: list[str], *, samples: int, seq_len: int, seed: int = 0,
-                 split: str = "evaluation", batch_size: int = 8) -> dict[str, float]:
-    """Perplexity on each named text (its `split` half), windows drawn with `seed`."""
-    windows = {name: text_windows(name, tokenizer, samples=samples, seq_len=seq_len, seed=seed, split=split)
-               for name in data}
-    return {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in windows.items()}
+from layershap.plan.methods import select_layers
+from layershap.plan.ratio import layers_to_remove
 
 
 def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(), model_name: str | None = None,
@@ -53,17 +29,17 @@ def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(),
     """Choose blocks with `method` on calibration text, remove them, save, and return the record written to
     `out/layershap.json` (held-out perplexity before and after included).
 
-    quantize: int8 or int4: the pruned model is then quantized with torchao (`layershap.quantize`) before it
+    quantize: int8 or int4: the pruned model is then quantized with torchao (`layershap.transform.quantize`) before it
     is saved, and the record gains `quantization` (scheme, config, sizes, held-out perplexity).
 
-    backend: where masked evaluations run (see `layershap.backends`; None: this process). config: the
+    backend: where masked evaluations run (see `layershap.game.backends`; None: this process). config: the
     options as the CLI resolved them, written with provenance to `out/config.toml`.
     """
-    from layershap.backends import use_backend
-    from layershap.store import model_fingerprint
+    from layershap.game.backends import use_backend
+    from layershap.game.context import model_fingerprint
 
     if quantize is not None:
-        from layershap.quantize import check_quantizable
+        from layershap.transform.quantize import check_quantizable
 
         check_quantizable(model, quantize)
     n = num_layers(model)
@@ -112,7 +88,7 @@ def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(),
     if quantize is None:
         save_pruned(model, tokenizer, Path(out), record)
     else:
-        from layershap.quantize import quantize_model, save_quantized
+        from layershap.transform.quantize import quantize_model, save_quantized
 
         quantize_model(model, quantize)
         record["quantization"] = {"ppl": {name: perplexity(model, w.tokens, batch_size=batch_size)
@@ -128,10 +104,10 @@ def estimate_run(model, tokenizer, *, out, settings, model_name: str | None = No
                  config: dict | None = None) -> dict:
     """Estimate every layer's Shapley value and write `out/shapley.json`, `out/shapley.csv` and
     `out/config.toml` (backend and config as for `prune_model`)."""
-    from layershap.backends import use_backend
-    from layershap.estimate import estimate
-    from layershap.game import LayerGame
-    from layershap.store import open_store
+    from layershap.estimate.pipeline import estimate
+    from layershap.game.backends import use_backend
+    from layershap.game.layer_game import LayerGame
+    from layershap.game.store import open_store
 
     out = Path(out)
     calibration = text_windows(data, tokenizer, samples=samples, seq_len=seq_len, seed=settings.seed,
@@ -166,9 +142,10 @@ def estimate_dry_run(model, tokenizer, *, settings, data: str = "c4", samples: i
 
     The time per pass comes from earlier evaluations in the store, or else from one timed full pass.
     """
-    from layershap.estimate import measurement_context, sample_masks
-    from layershap.game import LayerGame
-    from layershap.store import mask_key, open_store
+    from layershap.estimate.pipeline import sample_masks
+    from layershap.game.context import measurement_context
+    from layershap.game.layer_game import LayerGame
+    from layershap.game.store import mask_key, open_store
 
     n = num_layers(model)
     settings.check(n)

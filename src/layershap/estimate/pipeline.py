@@ -1,0 +1,185 @@
+"""The cooperative-game estimate, one stage per step: masks -> evaluations -> surrogate -> Shapley values.
+
+masks:        a sampler preset draws keep-masks, stratified by how many layers they keep (seeded; a larger
+              budget extends a smaller one, so reruns only pay for new masks);
+evaluations:  each mask's mean NLL on the calibration windows, from the store when it is there, otherwise
+              from the real model with the dropped blocks skipped, committed to the store at once;
+surrogate:    fitted to the utilities, its held-out fit always reported;
+Shapley:      every layer's value from the surrogate (exact by enumeration up to 20 layers, sampled with a
+              standard error above).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from layershap.errors import LayershapError
+from layershap.estimate.sampling import get_sampler
+from layershap.estimate.shapley import EXACT_MAX_PLAYERS, shapley_values, surrogate_shapley
+from layershap.estimate.surrogate import held_out_fit, make_surrogate
+from layershap.game.layer_game import LayerGame, Utility
+from layershap.game.measure import evaluate_masks
+from layershap.game.store import EvaluationStore
+
+MIN_BUDGET = 20
+# How the shapley method turns values into a plan: "lowest" removes the k lowest Shapley values (the
+# paper); "search" spends half the budget on the estimate and half on measuring the plans the surrogate
+# rates best, and keeps the best measured one (see refine.py).
+PLANS = ("search", "lowest")  # the surrogate's held-out check needs a few masks to hold out and enough left to train
+
+
+@dataclass(frozen=True)
+class EstimateSettings:
+    """Everything that decides an estimate's result; written into every run directory."""
+
+    budget: int = 256
+    sampler: str = "target"
+    surrogate: str = "pairwise"
+    utility: str = "neg_nll"
+    seed: int = 0
+    paired: bool = False
+    target_removed: int | None = None
+    shapley_samples: int = 4096
+    holdout: float = 0.2
+    plan: str = "search"
+
+    def check(self, n_layers: int) -> None:
+        if self.budget < MIN_BUDGET:
+            raise LayershapError(f"--budget {self.budget} is too small: the surrogate needs at least {MIN_BUDGET} "
+                                 "evaluated masks (and more than the number of layers to be useful)")
+        get_sampler(self.sampler)
+        make_surrogate(self.surrogate, n_layers, self.seed)
+        if self.plan not in PLANS:
+            raise LayershapError(f"unknown plan {self.plan!r}; use one of {', '.join(PLANS)}")
+
+
+# The official pipeline (8000 masks, 10 windows of 128 tokens, the MLP surrogate, 20,000 samples per layer).
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "paper": {"budget": 8000, "sampler": "paper", "surrogate": "paper", "utility": "ppl_ratio",
+              "shapley_samples": 20000, "plan": "lowest", "samples": 10, "seq_len": 128},
+}
+
+
+def preset_settings(name: str) -> dict:
+    try:
+        return dict(PRESETS[name])
+    except KeyError:
+        raise LayershapError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}") from None
+
+
+@dataclass
+class Estimate:
+    """Result of one estimate: values per layer, how they were obtained, and what it cost."""
+
+    n_layers: int
+    shapley: np.ndarray
+    stderr: np.ndarray
+    shapley_method: str
+    masks: np.ndarray
+    nlls: np.ndarray
+    utilities: np.ndarray
+    base_nll: float
+    evaluations: int
+    reused: int
+    surrogate_fit: dict
+    settings: EstimateSettings
+    seconds: float
+    surrogate: object = field(repr=False, default=None)
+
+    def to_dict(self) -> dict:
+        return {
+            "n_layers": self.n_layers,
+            "layers": [{"index": i, "shapley": float(v), "stderr": float(s)}
+                       for i, (v, s) in enumerate(zip(self.shapley, self.stderr))],
+            "shapley_method": self.shapley_method,
+            "evaluations": self.evaluations,
+            "reused": self.reused,
+            "masks": len(self.masks),
+            "base_nll": self.base_nll,
+            "surrogate": {"name": self.settings.surrogate, **self.surrogate_fit},
+            "seed": self.settings.seed,
+            "settings": asdict(self.settings),
+            "seconds": self.seconds,
+        }
+
+
+def sample_masks(settings: EstimateSettings, n_layers: int) -> np.ndarray:
+    """The full model first (the utility's reference), then the sampler's masks up to the budget.
+
+    When the budget covers all 2^n coalitions, all of them are taken (the estimate is then exact); when the
+    sampler's strata hold fewer masks than the budget, all of theirs are taken.
+    """
+    full = np.ones((1, n_layers), dtype=bool)
+    if n_layers <= 20 and settings.budget >= 2 ** n_layers:
+        every = ((np.arange(2 ** n_layers)[:, None] >> np.arange(n_layers)) & 1).astype(bool)
+        return np.concatenate([full, every[:-1][::-1]])
+    stream = get_sampler(settings.sampler).stream(n_layers, target_removed=settings.target_removed, seed=settings.seed,
+                                                  paired=settings.paired, exclude=full)
+    drawn = list(itertools.islice(stream, settings.budget - 1))
+    return np.concatenate([full, np.array(drawn, dtype=bool).reshape(-1, n_layers)])
+
+
+class MeasuredOrPredicted:
+    """Value function for the Shapley step: the measured utility where a mask was evaluated, the surrogate's
+    prediction elsewhere. With every coalition measured the estimate is exact, whatever the surrogate."""
+
+    def __init__(self, surrogate, masks: np.ndarray, utilities: np.ndarray):
+        self.surrogate = surrogate
+        self.known = {np.packbits(m).tobytes(): u for m, u in zip(masks, utilities)}
+
+    def __call__(self, masks: np.ndarray) -> np.ndarray:
+        values = self.surrogate.predict(masks)
+        if self.known:
+            packed = np.packbits(masks, axis=1)
+            for row, key in enumerate(map(bytes, packed)):
+                hit = self.known.get(key)
+                if hit is not None:
+                    values[row] = hit
+        return values
+
+
+def estimate(game: LayerGame, store: EvaluationStore, settings: EstimateSettings) -> Estimate:
+    """Run the whole estimate on a game, reusing whatever the store already holds."""
+    started = time.perf_counter()
+    settings.check(game.n_players)
+    if settings.utility != game.utility.name:
+        raise LayershapError(f"the game measures {game.utility.name!r} but the settings ask for {settings.utility!r}")
+    masks = sample_masks(settings, game.n_players)
+    nlls, evaluated, reused = evaluate_masks(game, store, masks)
+    result = estimate_from_measurements(game.utility, masks, nlls, settings)
+    result.evaluations, result.reused, result.seconds = evaluated, reused, time.perf_counter() - started
+    return result
+
+
+def estimate_from_measurements(utility: Utility, masks: np.ndarray, nlls: np.ndarray,
+                               settings: EstimateSettings) -> Estimate:
+    """Surrogate and Shapley values from masks already measured (the first mask is the full model)."""
+    base_nll = float(nlls[0])
+    utilities = np.array([utility(v, base_nll) for v in nlls])
+    fit = held_out_fit(settings.surrogate, masks, utilities, seed=settings.seed, holdout_fraction=settings.holdout)
+    result, surrogate = values_from_utilities(masks, utilities, settings)
+    return Estimate(n_layers=masks.shape[1], shapley=np.asarray(result.values), stderr=np.asarray(result.stderr),
+                    shapley_method=result.method, masks=masks, nlls=nlls, utilities=utilities, base_nll=base_nll,
+                    evaluations=0, reused=0, surrogate_fit=fit, settings=settings, seconds=0.0, surrogate=surrogate)
+
+
+def values_from_utilities(masks: np.ndarray, utilities: np.ndarray, settings: EstimateSettings):
+    """The Shapley step on its own, for any value function's measurements: the surrogate fitted to them, and
+    every player's value (exact enumeration up to 20 players, measured coalitions at their measured value;
+    stratified samples of the surrogate above). Returns (ShapleyResult, fitted surrogate)."""
+    n = masks.shape[1]
+    surrogate = make_surrogate(settings.surrogate, n, settings.seed).fit(masks, utilities)
+    if n <= EXACT_MAX_PLAYERS:
+        result = shapley_values(MeasuredOrPredicted(surrogate, masks, utilities), n, seed=settings.seed)
+    else:
+        result = surrogate_shapley(surrogate, n, samples_per_player=settings.shapley_samples, seed=settings.seed)
+    return result, surrogate
+
+
+def with_overrides(settings: EstimateSettings, **overrides) -> EstimateSettings:
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,37 @@
+"""Perplexity: the mean next-token negative log-likelihood over token windows, exponentiated."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def batch_nll(model, batch: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL (float64) of every token but each window's first, and how many tokens that is."""
+    logits = model(input_ids=batch, use_cache=False).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+    return float(loss.double()), batch[:, 1:].numel()
+
+
+def mean_nll(model, tokens: torch.Tensor, *, batch_size: int = 8) -> float:
+    """Mean NLL (nats per predicted token) of `tokens` ([windows, seq_len]) under the model as it is now.
+
+    The sum is taken in float64 so the result does not depend on the batch size beyond float32 rounding of
+    the logits.
+    """
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, tokens.shape[0], batch_size):
+            loss, tokens_scored = batch_nll(model, tokens[start:start + batch_size].to(device))
+            total += loss
+            count += tokens_scored
+    return total / count
+
+
+def perplexity(model, tokens: torch.Tensor, *, batch_size: int = 8) -> float:
+    """exp(mean NLL); inf when the model diverges."""
+    nll = mean_nll(model, tokens, batch_size=batch_size)
+    return math.exp(nll) if nll < 700 else math.inf

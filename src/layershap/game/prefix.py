@@ -1,0 +1,162 @@
+"""Evaluate many keep-masks cheaply by reusing the hidden states of the leading blocks they share.
+
+The hidden state entering block j depends only on which of blocks 0..j-1 were kept. Masks visited in
+lexicographic order (kept before dropped, first block first) share long prefixes, so each mask resumes from
+the deepest state its predecessor left behind and runs only the blocks after it. The resumed run is the
+model's own forward pass over the remaining kept blocks with the cached state put in place of the first
+block's input, so attention masks, rotary embeddings and per-layer types are built exactly as in the plain
+path; the result equals `mean_nll` under `keep_only` bit for bit (tests check this on every family).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+
+from layershap.game.nll import batch_nll, mean_nll
+from layershap.models.architectures import architecture_of
+from layershap.models.layers import block_list, keep_only
+
+# Hidden states kept for resuming, across all window batches; above this the plain path is used. On a GPU
+# the states live in its memory, so the budget there is a share of what is free instead.
+DEFAULT_CACHE_BYTES = 2 << 30
+GPU_FREE_MEMORY_SHARE = 0.25
+
+
+def visiting_order(masks: np.ndarray) -> np.ndarray:
+    """Indices of `masks` in the order that maximises shared prefixes (lexicographic, kept first)."""
+    keys = (~np.asarray(masks, dtype=bool)).astype(np.uint8)
+    return np.lexsort(keys.T[::-1])
+
+
+def supports_prefix_sharing(model) -> bool:
+    return architecture_of(model).prefix_sharing
+
+
+def cache_budget_bytes(device: torch.device) -> int:
+    """How many bytes of cached states to allow: 2 GiB in host memory; on a CUDA device a quarter of its free
+    memory, so a large calibration set (32 windows of 512 tokens on a 7B model: 4.1 GiB) still resumes
+    from shared prefixes on a GPU that has the room (measured on an H200: docs/benchmarks.md)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_FREE_MEMORY_SHARE)
+    return DEFAULT_CACHE_BYTES
+
+
+class PrefixSharingEvaluator:
+    """Mean NLL of keep-masks over fixed windows, resuming from cached block outputs.
+
+    Masks can be given in any order; `nlls` visits them in `visiting_order` and reports each through
+    `on_result(index, nll)` as soon as it is known, so callers can commit results one by one.
+    """
+
+    def __init__(self, model, tokens: torch.Tensor, *, batch_size: int = 8,
+                 max_cache_bytes: int | None = None):
+        self.model = model
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.n = len(block_list(model))
+        self.blocks_run = 0
+        self._states: dict[int, list[torch.Tensor | None]] = {}
+        self._path: np.ndarray | None = None
+        hidden = getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)
+        weight = next(model.parameters())
+        per_depth = tokens.numel() * hidden * weight.element_size()
+        if max_cache_bytes is None:
+            max_cache_bytes = cache_budget_bytes(weight.device)
+        self.enabled = supports_prefix_sharing(model) and per_depth * (self.n + 1) <= max_cache_bytes
+
+    def nlls(self, masks: np.ndarray, on_result: Callable[[int, float], None] | None = None) -> np.ndarray:
+        masks = np.asarray(masks, dtype=bool)
+        out = np.full(len(masks), np.nan)
+        for index in visiting_order(masks):
+            out[index] = self.nll(masks[index])
+            if on_result is not None:
+                on_result(int(index), float(out[index]))
+        return out
+
+    def nll(self, mask: np.ndarray) -> float:
+        mask = np.asarray(mask, dtype=bool)
+        if not self.enabled or not mask.any():  # the plain path; cached states stay but are not resumed
+            self.blocks_run += int(mask.sum())
+            self._path = None
+            with keep_only(self.model, mask):
+                return mean_nll(self.model, self.tokens, batch_size=self.batch_size)
+        resume = self._resume_depth(mask)
+        run = [i for i in range(resume, self.n) if mask[i]]
+        if not run:  # nothing left to run after the shared prefix: no block to resume into
+            resume, run = 0, [i for i in range(self.n) if mask[i]]
+        self.blocks_run += len(run)
+        value = self._run(mask, resume, run)
+        self._path = mask.copy()
+        return value
+
+    def _resume_depth(self, mask: np.ndarray) -> int:
+        """Deepest depth j whose state is cached and whose blocks 0..j-1 are kept alike by this mask."""
+        if self._path is None:
+            return 0
+        differ = np.flatnonzero(self._path != mask)
+        return int(differ[0]) if len(differ) else self.n
+
+    def _run(self, mask: np.ndarray, resume: int, run: list[int]) -> float:
+        blocks = block_list(self.model)
+        device = next(self.model.parameters()).device
+        batch_index = 0
+        states = self._states
+        handles = []
+
+        def inject(module, args, kwargs):
+            row = states[batch_index]
+            cached = row[resume]
+            for depth in range(resume + 1, run[0] + 1):  # dropped blocks between: the same state
+                row[depth] = cached
+            if args:
+                return (cached, *args[1:]), kwargs
+            key = "hidden_states" if "hidden_states" in kwargs else "hidden"
+            return args, {**kwargs, key: cached}
+
+        def record(position):
+            def hook(module, args, kwargs, output):
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                row = states[batch_index]
+                # the state after block `position` is the state at every depth up to the next kept block
+                following = next((i for i in range(position + 1, self.n) if mask[i]), self.n)
+                for depth in range(position + 1, following + 1):
+                    row[depth] = hidden
+            return hook
+
+        def record_input(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("hidden"))
+            row = states[batch_index]
+            for depth in range(run[0] + 1):
+                row[depth] = hidden
+
+        if resume > 0:
+            handles.append(blocks[run[0]].register_forward_pre_hook(inject, with_kwargs=True))
+        else:
+            handles.append(blocks[run[0]].register_forward_pre_hook(record_input, with_kwargs=True))
+        for position in run:
+            handles.append(blocks[position].register_forward_hook(record(position), with_kwargs=True))
+        total, count = 0.0, 0
+        try:
+            with keep_only(self.model, run), torch.inference_mode():
+                for batch_index, start in enumerate(range(0, self.tokens.shape[0], self.batch_size)):
+                    states.setdefault(batch_index, [None] * (self.n + 1))
+                    loss, scored = batch_nll(self.model, self.tokens[start:start + self.batch_size].to(device))
+                    total += loss
+                    count += scored
+        finally:
+            for handle in handles:
+                handle.remove()
+        return total / count
+
+
+def plain_nlls(model, tokens: torch.Tensor, masks: Iterable[np.ndarray], *, batch_size: int = 8) -> np.ndarray:
+    """The reference path: each mask evaluated alone under `keep_only`."""
+    values = []
+    for mask in masks:
+        with keep_only(model, mask):
+            values.append(mean_nll(model, tokens, batch_size=batch_size))
+    return np.array(values)

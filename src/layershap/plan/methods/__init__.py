@@ -1,0 +1,50 @@
+"""Pruning methods, registered by name; each takes (model, calibration windows, k) and returns a `Plan`.
+
+Adding a method is one entry in `METHODS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from layershap.errors import LayershapError
+from layershap.plan.methods.angular import angular
+from layershap.plan.methods.base import Plan
+from layershap.plan.methods.cooperative_game import shapley
+from layershap.plan.methods.last import last
+from layershap.plan.methods.loo import loo
+from layershap.plan.methods.magnitude import magnitude
+from layershap.plan.methods.random_layers import random_layers
+from layershap.plan.methods.shapiq_estimators import kadd, kernelshap, permutation, stratified, svarm
+from layershap.plan.methods.shortgpt import shortgpt
+from layershap.plan.methods.sleb import sleb
+from layershap.plan.methods.taylor import taylor
+
+METHODS: dict[str, Callable[..., Plan]] = {
+    "shapley": shapley,
+    "shortgpt": shortgpt,
+    "angular": angular,
+    "loo": loo,
+    "taylor": taylor,
+    "sleb": sleb,
+    "magnitude": magnitude,
+    "random": random_layers,
+    "last": last,
+    "kernelshap": kernelshap,
+    "permutation": permutation,
+    "stratified": stratified,
+    "svarm": svarm,
+    "kadd": kadd,
+}
+
+
+def get_method(name: str) -> Callable[..., Plan]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise LayershapError(f"unknown method {name!r}; use one of {', '.join(METHODS)}") from None
+
+
+def select_layers(method: str, model, windows, k: int, **options) -> Plan:
+    """Run a registered method: which k blocks to remove."""
+    return get_method(method)(model, windows, k, **options)

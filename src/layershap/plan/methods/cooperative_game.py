@@ -1,0 +1,72 @@
+"""The cooperative-game method: blocks are players, and the plan comes from their Shapley values.
+
+Values come from `layershap.estimate.pipeline` (stratified masks -> stored evaluations -> surrogate -> Shapley).
+With `plan="lowest"` (the paper, and `--preset paper`) the k blocks with the lowest values are removed. With
+`plan="search"` (the default) half the budget goes to the estimate and half to measuring, on the real model,
+first the cheap baselines' plans (`layershap.plan.seeds`: ShortGPT and angular from one traced pass, leave-one-out
+from the estimate's single removals), then the k-removal plans the surrogate rates best (its search seeded
+with the lowest-value plan) and the swaps around the best plan measured so far; the best measured plan wins
+(`layershap.plan.refine`), and the reported values use every mask measured. The record holds the surrogate's
+predicted and the measured calibration perplexity of the chosen plan.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from layershap.estimate.pipeline import MIN_BUDGET, EstimateSettings, estimate, estimate_from_measurements
+from layershap.game.layer_game import LayerGame
+from layershap.game.measure import evaluate_masks
+from layershap.game.store import open_store
+from layershap.plan.methods.base import Plan, lowest_scoring
+from layershap.plan.refine import refine
+from layershap.plan.seeds import leave_one_out_seed, one_pass_seeds
+
+
+def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: int = 8, store=None,
+            settings: EstimateSettings | None = None, **_) -> Plan:
+    started = time.perf_counter()
+    settings = settings or EstimateSettings(seed=seed, target_removed=k)
+    game = LayerGame(model, windows, utility=settings.utility, batch_size=batch_size)
+    with open_store(model, store) as db:
+        settings.check(game.n_players)
+        traced, seeds = 0, []
+        if settings.plan == "search":
+            first = estimate(game, db, replace(settings, budget=max(MIN_BUDGET, settings.budget // 2)))
+            seeds = one_pass_seeds(model, windows, k, protect=protect, batch_size=batch_size)
+            traced = 1 if seeds else 0
+            loo_plan = leave_one_out_seed(first.masks, first.nlls, k, protect=protect)
+            seeds += [loo_plan] if loo_plan is not None and loo_plan not in seeds else []
+            refined = refine(game, db, first.masks, first.nlls, k=k, budget=settings.budget - traced,
+                             surrogate=settings.surrogate, seed=settings.seed, protect=protect,
+                             start=[lowest_scoring(first.shapley, k, protect)], seeds=seeds)
+            result = estimate_from_measurements(game.utility, refined.masks, refined.nlls, settings)
+            result.evaluations, result.reused = first.evaluations + refined.evaluations, first.reused
+            best = refined.best
+            remove = (list(np.flatnonzero(~best)) if best is not None else lowest_scoring(result.shapley, k, protect))
+        else:
+            result = estimate(game, db, settings)
+            remove = lowest_scoring(result.shapley, k, protect)
+        mask = np.ones(game.n_players, dtype=bool)
+        mask[remove] = False
+        (measured_nll,), evaluated, _ = evaluate_masks(game, db, mask[None], description="checking the plan")
+    predicted_nll = game.utility.nll_of(result.surrogate.predict(mask[None])[0], result.base_nll)
+    details = {
+        "estimate": result.to_dict(),
+        "plan": settings.plan,
+        "seed_plans": seeds,
+        "predicted_calibration_ppl": _ppl(predicted_nll),
+        "measured_calibration_ppl": _ppl(measured_nll),
+        "dense_calibration_ppl": _ppl(result.base_nll),
+    }
+    return Plan("shapley", game.n_players, [int(i) for i in remove], result.shapley.tolist(),
+                forward_passes=result.evaluations + evaluated + traced, seconds=time.perf_counter() - started,
+                details=details)
+
+
+def _ppl(nll: float) -> float:
+    return math.exp(nll) if math.isfinite(nll) and nll < 700 else math.inf

@@ -1,0 +1,56 @@
+"""Leave-one-out perplexity (Shortened LLaMA's PPL criterion): remove the blocks missed least alone.
+
+From Kim et al., 2024, "Shortened LLaMA: Depth Pruning for Large Language Models".
+
+Each block is removed on its own and the calibration NLL of the rest of the model is measured. A block's
+score is how much its removal alone raises the NLL, score_i = NLL(without i) - NLL(full) (higher means more
+worth keeping, as in every `Plan`); the k blocks whose individual removal hurts least are removed. Ranking by
+-(NLL without i), the worth of the coalition without i, would invert this order, so the score is the
+increase instead.
+
+Cost: n + 1 forward passes (the full model once, then every block left out once; protected blocks are
+measured too so that every block has a score). A diverged model (inf/NaN loss) counts as the full model's
+NLL plus `DIVERGED_NLL_MARGIN`, as in the layer game.
+
+Shortened LLaMA's pruning script by default also never removes the first four and the last two blocks (the
+"+" of its Taylor+); pass those as `protect` to reproduce it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from layershap.game.layer_game import LayerGame, bounded_nll
+from layershap.models.layers import num_layers
+from layershap.plan.methods._common import removable
+from layershap.plan.methods.base import Plan, lowest_scoring
+
+
+def leave_one_out_nll(game: LayerGame) -> list[float]:
+    """Mean calibration NLL with each block left out in turn (n passes)."""
+    n = game.n_players
+    nlls = []
+    for i in range(n):
+        mask = np.ones(n, dtype=bool)
+        mask[i] = False
+        nlls.append(game.nll(mask))
+    return nlls
+
+
+def loo_scores(base_nll: float, nlls_without) -> list[float]:
+    """Each block's score: how much the calibration NLL rises when it alone is removed (bounded)."""
+    return [bounded_nll(v, base_nll) - base_nll for v in nlls_without]
+
+
+def loo(model, windows, k: int, *, protect=(), batch_size: int = 8, **_) -> Plan:
+    start = time.perf_counter()
+    n = num_layers(model)
+    removable(n, k, protect)
+    game = LayerGame(model, windows, batch_size=batch_size)
+    base = game.base_nll
+    nlls = [bounded_nll(v, base) for v in leave_one_out_nll(game)]
+    scores = loo_scores(base, nlls)
+    return Plan("loo", n, lowest_scoring(scores, k, protect), scores, forward_passes=game.forward_passes,
+                seconds=time.perf_counter() - start, details={"base_nll": base, "nll_without": nlls})

@@ -1,0 +1,61 @@
+"""Prefix sharing must give exactly the plain path's NLLs, on every family, in any mask order."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import TINY_CONFIGS, VOCAB, tiny_model
+
+from layershap.game.prefix import PrefixSharingEvaluator, plain_nlls, visiting_order
+
+
+def _masks(n, count, seed):
+    rng = np.random.default_rng(seed)
+    masks = rng.random((count, n)) < 0.7
+    masks[0] = True
+    masks[1] = False  # the empty model: nothing to resume into
+    masks[2, :] = True
+    masks[2, -1] = False  # resume at the very end
+    masks[3] = masks[4]  # a repeated mask
+    return masks
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_prefix_sharing_equals_plain_path(family):
+    model = tiny_model(family)
+    if family == "rwkv":
+        model.config.rescale_every = 0  # as load_model leaves it
+    tokens = torch.randint(0, VOCAB, (5, 20), generator=torch.Generator().manual_seed(0))
+    masks = _masks(6, 24, seed=1)
+    plain = plain_nlls(model, tokens, masks, batch_size=2)
+    evaluator = PrefixSharingEvaluator(model, tokens, batch_size=2)
+    seen = []
+    shared = evaluator.nlls(masks, on_result=lambda i, v: seen.append(i))
+    np.testing.assert_array_equal(shared, plain)
+    assert sorted(seen) == list(range(len(masks)))
+    if evaluator.enabled:
+        assert evaluator.blocks_run < int(masks.sum())
+
+
+def test_visiting_order_groups_shared_prefixes():
+    masks = np.array([[0, 1, 1], [1, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=bool)
+    ordered = masks[visiting_order(masks)]
+    assert ordered.tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]]
+
+
+def test_cache_limit_falls_back_to_plain():
+    model = tiny_model("llama")
+    tokens = torch.randint(0, VOCAB, (2, 8))
+    evaluator = PrefixSharingEvaluator(model, tokens, max_cache_bytes=1)
+    masks = _masks(6, 6, seed=2)
+    assert not evaluator.enabled
+    np.testing.assert_array_equal(evaluator.nlls(masks), plain_nlls(model, tokens, masks))
+
+
+def test_cache_budget_is_fixed_on_the_host_and_a_share_of_free_memory_on_a_gpu(monkeypatch):
+    from layershap.evaluate import prefix
+
+    assert prefix.cache_budget_bytes(torch.device("cpu")) == prefix.DEFAULT_CACHE_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 << 30, 140 << 30))
+    assert prefix.cache_budget_bytes(torch.device("cuda")) == 25 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 140 << 30))
+    assert prefix.cache_budget_bytes(torch.device("cuda")) == 1 << 28  # a nearly full GPU: less than on the host

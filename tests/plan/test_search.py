@@ -1,0 +1,116 @@
+"""Surrogate search for the best k-removal plan, and the refinement loop that measures its finalists."""
+
+from itertools import combinations
+
+import numpy as np
+import torch
+from tiny_models import VOCAB, tiny_model
+
+from layershap.data.windows import TextWindows
+from layershap.estimate.pipeline import EstimateSettings, estimate
+from layershap.game.layer_game import LayerGame
+from layershap.game.store import open_store
+from layershap.plan.refine import best_measured, refine
+from layershap.plan.search import top_removal_masks
+
+
+def _quadratic(n, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=n)
+    interactions = np.triu(rng.normal(scale=0.8, size=(n, n)), 1)
+
+    def predict(masks):
+        x = np.asarray(masks, dtype=float)
+        return x @ w + np.einsum("bi,ij,bj->b", x, interactions, x)
+
+    return predict
+
+
+def _brute_force_best(predict, n, k, protect=()):
+    best, best_value = None, -np.inf
+    for removal in combinations([i for i in range(n) if i not in protect], k):
+        mask = np.ones(n, dtype=bool)
+        mask[list(removal)] = False
+        value = predict(mask[None])[0]
+        if value > best_value:
+            best, best_value = mask, value
+    return best
+
+
+def test_search_finds_the_best_subset_with_interactions():
+    for seed in range(5):
+        predict = _quadratic(10, seed)
+        found = top_removal_masks(predict, 10, 4, beam=8, count=3)
+        assert all(m.sum() == 6 for m in found)
+        np.testing.assert_array_equal(found[0], _brute_force_best(predict, 10, 4))
+        scores = predict(np.array(found))
+        assert np.all(np.diff(scores) <= 1e-12)  # best first
+
+
+def test_search_respects_protect_and_beats_ranking_by_single_values():
+    predict = _quadratic(10, 7)
+    found = top_removal_masks(predict, 10, 3, protect=[0, 9], count=5)
+    assert all(m[0] and m[9] and m.sum() == 7 for m in found)
+    np.testing.assert_array_equal(found[0], _brute_force_best(predict, 10, 3, protect=(0, 9)))
+
+
+def test_best_measured_picks_lowest_nll_of_the_right_size():
+    masks = np.array([[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0]], dtype=bool)
+    nlls = np.array([1.0, 1.5, 1.2, 3.0, np.nan])
+    assert best_measured(masks, nlls, 1, (), 1.0).tolist() == [True, False, True, True]
+    assert best_measured(masks, nlls, 1, (1,), 1.0).tolist() == [False, True, True, True]
+    assert best_measured(masks, nlls, 2, (), 1.0).tolist() == [False, False, True, True]  # NaN is worst
+    assert best_measured(masks, nlls, 3, (), 1.0) is None
+
+
+def _tiny_game():
+    model = tiny_model("llama")
+    windows = TextWindows(torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0)),
+                          "random", "calibration", 0)
+    return model, LayerGame(model, windows)
+
+
+def test_refine_spends_exactly_the_budget_and_returns_a_measured_plan(tmp_path):
+    model, game = _tiny_game()
+    with open_store(model, tmp_path / "s.sqlite") as store:
+        first = estimate(game, store, EstimateSettings(budget=20, target_removed=2))
+        result = refine(game, store, first.masks, first.nlls, k=2, budget=30, surrogate="pairwise", seed=0)
+    assert len(result.masks) == 30 and result.evaluations == 10
+    assert result.best.sum() == 4
+    row = np.flatnonzero((result.masks == result.best).all(axis=1))[0]
+    eligible = result.masks.sum(axis=1) == 4
+    assert result.nlls[row] == np.nanmin(result.nlls[eligible])
+
+
+def test_refine_measures_the_seed_plans_first(tmp_path):
+    model, game = _tiny_game()
+    with open_store(model, tmp_path / "s.sqlite") as store:
+        first = estimate(game, store, EstimateSettings(budget=20, target_removed=2))
+        masks, nlls = first.masks[:1], first.nlls[:1]  # only the full model measured so far
+        result = refine(game, store, masks, nlls, k=2, budget=6, surrogate="pairwise", seed=0,
+                        seeds=[[0, 1], [2, 3], [0, 1]])
+    seeded = result.masks[1:3]
+    assert [sorted(np.flatnonzero(~m).tolist()) for m in seeded] == [[0, 1], [2, 3]]
+    assert len(result.masks) == 6 and len({m.tobytes() for m in result.masks}) == 6
+
+
+def test_neighbours_are_the_unmeasured_single_swaps_best_predicted_first():
+    from layershap.plan.refine import _unmeasured_neighbours
+
+    predict = _quadratic(8, 3)
+    best = np.ones(8, dtype=bool)
+    best[[1, 4]] = False
+    measured = best.copy()
+    measured[[1, 2]] = [True, False]  # one neighbour already measured
+    found = _unmeasured_neighbours(predict, np.array([best, measured]), best, protect=(7,), wanted=100)
+    swaps = []
+    for removed in (1, 4):
+        for kept in (0, 2, 3, 5, 6):  # 7 is protected
+            mask = best.copy()
+            mask[[removed, kept]] = [True, False]
+            if not (mask == measured).all():
+                swaps.append(mask)
+    assert len(found) == len(swaps) == 9
+    assert {m.tobytes() for m in found} == {m.tobytes() for m in swaps}
+    scores = predict(np.array(found))
+    assert (np.diff(scores) <= 1e-12).all()
