@@ -13,6 +13,33 @@ from layershap.errors import LayershapError
 
 
 @dataclass(frozen=True)
+class Sublayer:
+    """One residual branch of a block, `h + after(module(before(h)))`, by submodule names inside the block.
+
+    module: the submodule whose output is added to the residual stream; a skipped one is replaced by a module
+        that runs nothing and returns a zero scalar (so the residual sum passes the stream through exactly).
+    before, after: submodules that only this branch runs (its norms, OPT's fc1 and activation); replaced by
+        identities when the branch is skipped. Norms shared with the other branch are not listed.
+    returns_tuple: whether `module` returns `(output, weights)` (attention) or a tensor (MLP).
+    """
+
+    module: str
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    returns_tuple: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (*self.before, self.module, *self.after)
+
+
+def _sublayers(attn: str = "self_attn", attn_before=("input_layernorm",), attn_after=(), mlp: str = "mlp",
+               mlp_before=("post_attention_layernorm",), mlp_after=()) -> dict:
+    return {"attention": Sublayer(attn, tuple(attn_before), tuple(attn_after), returns_tuple=True),
+            "mlp": Sublayer(mlp, tuple(mlp_before), tuple(mlp_after))}
+
+
+@dataclass(frozen=True)
 class Architecture:
     """How one model family stores its stack of blocks.
 
@@ -34,6 +61,12 @@ class Architecture:
         in place by a power of two of each block's position on its first inference pass and halves the
         hidden state by position, so a shorter stack would be scaled for the wrong positions.
     kind: "transformer" or "recurrent"; recurrent models have no attention.
+    attention, mlp: where a block keeps its attention and its MLP sublayer (`Sublayer`), for the sublayer
+        game (`--granularity sublayer`, `models/sublayers.py`); None where a family's sublayers cannot be
+        skipped by passing the residual stream through (recurrent blocks, families not yet described).
+    sublayer_config: config values a model must have for its sublayers to be skippable (OPT with
+        `do_layer_norm_before = False` is post-norm: a norm after each residual sum, which skipping the
+        sublayer would still have to run).
     prefix_sharing: whether a cached hidden state may be fed to any block as its input (see
         `evaluate/prefix.py`); not for RWKV, whose first block also normalises what it is given.
     """
@@ -47,6 +80,9 @@ class Architecture:
     save_config: dict = field(default_factory=dict)
     kind: str = "transformer"
     prefix_sharing: bool = True
+    attention: Sublayer | None = None
+    mlp: Sublayer | None = None
+    sublayer_config: dict = field(default_factory=dict)
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -56,14 +92,37 @@ def register(model_type: str, arch: Architecture) -> None:
     ARCHITECTURES[model_type] = arch
 
 
+_LLAMA_LIKE = _sublayers()  # h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))
+_SUBLAYERS = {
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "granite", "smollm3",
+                                "starcoder2")},
+    # norms on both sides of each branch: h += post(attn(pre(h)))
+    "gemma2": _sublayers(attn_after=("post_attention_layernorm",), mlp_before=("pre_feedforward_layernorm",),
+                         mlp_after=("post_feedforward_layernorm",)),
+    "gemma3_text": _sublayers(attn_after=("post_attention_layernorm",), mlp_before=("pre_feedforward_layernorm",),
+                              mlp_after=("post_feedforward_layernorm",)),
+    # norms after each branch only: h += post_attention_layernorm(attn(h))
+    "olmo2": _sublayers(attn_before=(), attn_after=("post_attention_layernorm",), mlp_before=(),
+                        mlp_after=("post_feedforward_layernorm",)),
+    # the residual dropouts stay: on a zero they are a zero
+    "phi3": _LLAMA_LIKE,
+}
 for _type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2",
               "granite", "smollm3", "cohere", "starcoder2", "qwen3_moe", "qwen2_moe", "mixtral", "phi"):
     register(_type, Architecture(_type, "model.layers",
                                  per_layer_config=("layer_types", "no_rope_layers", "mlp_only_layers"),
-                                 boundary_config=("max_window_layers",)))
-register("gpt2", Architecture("gpt2", "transformer.h"))
-register("opt", Architecture("opt", "model.decoder.layers"))
-register("gpt_neox", Architecture("gpt_neox", "gpt_neox.layers"))
+                                 boundary_config=("max_window_layers",), **_SUBLAYERS.get(_type, {})))
+register("gpt2", Architecture("gpt2", "transformer.h", **_sublayers("attn", ("ln_1",), (), "mlp", ("ln_2",))))
+# OPT runs its MLP inline (fc1, activation, fc2): fc2's output is the branch; pre-norm OPT only
+register("opt", Architecture("opt", "model.decoder.layers",
+                             **_sublayers("self_attn", ("self_attn_layer_norm",), (), "fc2",
+                                          ("final_layer_norm", "fc1", "activation_fn")),
+                             sublayer_config={"do_layer_norm_before": True}))
+# GPT-NeoX with use_parallel_residual adds both branches to the block's input, h + attn(ln1(h)) + mlp(ln2(h)):
+# there a sublayer is one of the two parallel branches, and skipping it leaves h + the other branch.
+register("gpt_neox", Architecture("gpt_neox", "gpt_neox.layers",
+                                  **_sublayers("attention", ("input_layernorm",), ("post_attention_dropout",),
+                                               "mlp", ("post_attention_layernorm",), ("post_mlp_dropout",))))
 register("mamba", Architecture("mamba", "backbone.layers", kind="recurrent"))
 register("mamba2", Architecture("mamba2", "backbone.layers", kind="recurrent"))
 register("rwkv", Architecture("rwkv", "rwkv.blocks", index_attrs=("layer_id",), first_block_modules=("pre_ln",), prefix_sharing=False,
