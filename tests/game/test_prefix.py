@@ -59,3 +59,20 @@ def test_cache_budget_is_fixed_on_the_host_and_a_share_of_free_memory_on_a_gpu(m
     assert prefix.cache_budget_bytes(torch.device("cuda")) == 25 << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 140 << 30))
     assert prefix.cache_budget_bytes(torch.device("cuda")) == 1 << 28  # a nearly full GPU: less than on the host
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt2", "opt", "gpt_neox"])
+def test_prefix_sharing_equals_plain_path_on_sublayer_masks(family):
+    model = tiny_model(family)
+    tokens = torch.randint(0, VOCAB, (5, 20), generator=torch.Generator().manual_seed(0))
+    masks = _masks(12, 24, seed=3)
+    masks[5] = np.repeat(masks[6].reshape(6, 2)[:, 0], 2)  # whole blocks only
+    plain = plain_nlls(model, tokens, masks, batch_size=2)
+    evaluator = PrefixSharingEvaluator(model, tokens, batch_size=2)
+    shared = evaluator.nlls(masks)
+    np.testing.assert_array_equal(shared, plain)
+    assert evaluator.enabled and evaluator.blocks_run < int(masks.reshape(24, 6, 2).any(axis=2).sum())
+    # a block mask after sublayer masks does not resume from a sublayer path
+    block = masks[0].reshape(6, 2)[:, 0].copy()
+    block[2] = False
+    np.testing.assert_array_equal(evaluator.nlls(block[None]), plain_nlls(model, tokens, block[None], batch_size=2))

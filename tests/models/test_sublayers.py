@@ -177,3 +177,43 @@ def test_post_norm_opt_is_refused():
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(LayershapError, match="do_layer_norm_before"):
         keep_sublayers(model, [True] * (2 * N)).__enter__()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt2", "opt", "gpt_neox"])
+def test_saved_sublayer_model_loads_with_remote_code_and_equals_skipping(family, tmp_path):
+    import json
+
+    from layershap.models.save_sublayers import MODELING_FILE, save_sublayer_pruned
+    from layershap.models.sublayers import remove_sublayers
+
+    model = sub_model(family)
+    ids = family_ids(family)
+    with keep_sublayers(model, sub_mask()):
+        skipped = logits(model, ids)
+        skipped_gen = generated_logits(model, ids[:, :12], True)
+    pruned = remove_sublayers(copy.deepcopy(model), sub_mask())
+    assert torch.equal(logits(pruned, ids), skipped)
+    out = save_sublayer_pruned(pruned, None, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["layershap_removed_sublayers"] == ["attn.0", "mlp.2", "attn.4"]
+    assert (out / MODELING_FILE).is_file()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(reloaded).__module__.endswith("modeling_layershap")
+    assert torch.equal(logits(reloaded, ids), skipped)
+    assert torch.equal(generated_logits(reloaded, ids[:, :12], True), skipped_gen)
+    assert torch.equal(generated_logits(reloaded, ids[:, :12], False),
+                       generated_logits(zeroing_reference(model), ids[:, :12], False))
+    kept = sum(p.numel() for p in reloaded.parameters())
+    assert kept == sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_whole_block_sublayer_plan_saves_as_plain_transformers(tmp_path):
+    from layershap.models.save_sublayers import MODELING_FILE, save_sublayer_pruned
+    from layershap.models.sublayers import remove_sublayers
+
+    model = sub_model("llama")
+    pruned = remove_sublayers(copy.deepcopy(model), sub_mask(["attn.1", "mlp.1"]))
+    out = save_sublayer_pruned(pruned, None, tmp_path / "out")
+    assert not (out / MODELING_FILE).exists()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.config.num_hidden_layers == N - 1

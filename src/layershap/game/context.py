@@ -42,4 +42,5 @@ def model_fingerprint(model) -> str:
 def measurement_context(game: LayerGame) -> str:
     """What a stored NLL depends on besides the model and the mask: the exact windows and the dtype."""
     dtype = next(game.model.parameters()).dtype
-    return hashlib.sha256(f"{tokens_fingerprint(game.tokens)}|mean_nll|{dtype}".encode()).hexdigest()[:16]
+    players = "|sublayer" if getattr(game, "granularity", "block") == "sublayer" else ""  # block keys unchanged
+    return hashlib.sha256(f"{tokens_fingerprint(game.tokens)}|mean_nll|{dtype}{players}".encode()).hexdigest()[:16]

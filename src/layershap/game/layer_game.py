@@ -17,7 +17,8 @@ import numpy as np
 from layershap.errors import LayershapError
 from layershap.game.nll import mean_nll
 from layershap.game.prefix import PrefixSharingEvaluator, visiting_order
-from layershap.models.layers import keep_only, num_layers
+from layershap.models.layers import num_layers
+from layershap.models.sublayers import check_sublayers, keep, sublayer_names
 
 # A broken coalition can give inf/NaN loss; its NLL counts as this many nats above the full model's, so it
 # stays in the data with a bounded utility instead of being dropped.
@@ -72,18 +73,33 @@ def get_utility(name: str) -> Utility:
         raise LayershapError(f"unknown utility {name!r}; use one of {', '.join(UTILITIES)}") from None
 
 
+GRANULARITIES = ("block", "sublayer")
+
+
+def check_granularity(granularity: str) -> str:
+    if granularity not in GRANULARITIES:
+        raise LayershapError(f"--granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}")
+    return granularity
+
+
 class LayerGame:
     """Value function over coalitions of blocks, measured on calibration windows.
 
     model: a loaded causal LM (see `load_model`); windows: a `TextWindows` or a `[samples, seq_len]` tensor.
+    granularity: "block" (n players, one per block) or "sublayer" (2n players: attn.0, mlp.0, attn.1, ...;
+        `models/sublayers.py`).
     """
 
-    def __init__(self, model, windows, *, utility: str = "neg_nll", batch_size: int = 8):
+    def __init__(self, model, windows, *, utility: str = "neg_nll", batch_size: int = 8,
+                 granularity: str = "block"):
         self.model = model
         self.tokens = getattr(windows, "tokens", windows)
         self.utility = get_utility(utility)
         self.batch_size = batch_size
-        self.n_players = num_layers(model)
+        self.granularity = check_granularity(granularity)
+        if granularity == "sublayer":
+            check_sublayers(model)
+        self.n_players = num_layers(model) * (2 if granularity == "sublayer" else 1)
         self.forward_passes = 0
         self._base_nll: float | None = None
         self._prefix: PrefixSharingEvaluator | None = None
@@ -98,7 +114,7 @@ class LayerGame:
     def nll(self, mask) -> float:
         """Mean token NLL with only the kept blocks (one real forward pass over the windows)."""
         mask = self._check(mask)
-        with keep_only(self.model, mask):
+        with keep(self.model, mask):
             value = mean_nll(self.model, self.tokens, batch_size=self.batch_size)
         self.forward_passes += 1
         return value
@@ -119,6 +135,11 @@ class LayerGame:
             value = self._prefix.nll(masks[row])
             self.forward_passes += 1
             yield int(row), value, time.perf_counter() - started
+
+    @property
+    def player_names(self) -> list[str]:
+        n = num_layers(self.model)
+        return sublayer_names(n) if self.granularity == "sublayer" else [str(i) for i in range(n)]
 
     def utility_of_nll(self, nll: float) -> float:
         return self.utility(nll, self.base_nll)

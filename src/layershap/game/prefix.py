@@ -18,6 +18,7 @@ import torch
 from layershap.game.nll import batch_nll, mean_nll
 from layershap.models.architectures import architecture_of
 from layershap.models.layers import block_list, keep_only
+from layershap.models.sublayers import block_mask, keep
 
 # Hidden states kept for resuming, across all window batches; above this the plain path is used. On a GPU
 # the states live in its memory, so the budget there is a share of what is free instead.
@@ -78,29 +79,33 @@ class PrefixSharingEvaluator:
         return out
 
     def nll(self, mask: np.ndarray) -> float:
+        """A block mask (n entries) or a sublayer mask (2n: attn.0, mlp.0, ...; `models/sublayers.py`)."""
         mask = np.asarray(mask, dtype=bool)
+        sublayers = mask if len(mask) == 2 * self.n else None
+        blocks = block_mask(mask) if sublayers is not None else mask
         if not self.enabled or not mask.any():  # the plain path; cached states stay but are not resumed
-            self.blocks_run += int(mask.sum())
+            self.blocks_run += int(blocks.sum())
             self._path = None
-            with keep_only(self.model, mask):
+            with keep(self.model, mask):
                 return mean_nll(self.model, self.tokens, batch_size=self.batch_size)
         resume = self._resume_depth(mask)
-        run = [i for i in range(resume, self.n) if mask[i]]
+        run = [i for i in range(resume, self.n) if blocks[i]]
         if not run:  # nothing left to run after the shared prefix: no block to resume into
-            resume, run = 0, [i for i in range(self.n) if mask[i]]
+            resume, run = 0, [i for i in range(self.n) if blocks[i]]
         self.blocks_run += len(run)
-        value = self._run(mask, resume, run)
+        value = self._run(blocks, resume, run, sublayers)
         self._path = mask.copy()
         return value
 
     def _resume_depth(self, mask: np.ndarray) -> int:
-        """Deepest depth j whose state is cached and whose blocks 0..j-1 are kept alike by this mask."""
-        if self._path is None:
+        """Deepest depth j whose state is cached and whose blocks 0..j-1 are kept alike by this mask (for a
+        sublayer mask: both sublayers of each of them)."""
+        if self._path is None or len(self._path) != len(mask):
             return 0
         differ = np.flatnonzero(self._path != mask)
-        return int(differ[0]) if len(differ) else self.n
+        return int(differ[0]) * self.n // len(mask) if len(differ) else self.n
 
-    def _run(self, mask: np.ndarray, resume: int, run: list[int]) -> float:
+    def _run(self, mask: np.ndarray, resume: int, run: list[int], sublayers: np.ndarray | None = None) -> float:
         blocks = block_list(self.model)
         device = next(self.model.parameters()).device
         batch_index = 0
@@ -141,7 +146,7 @@ class PrefixSharingEvaluator:
             handles.append(blocks[position].register_forward_hook(record(position), with_kwargs=True))
         total, count = 0.0, 0
         try:
-            with keep_only(self.model, run), torch.inference_mode():
+            with _keep_run(self.model, run, sublayers), torch.inference_mode():
                 for batch_index, start in enumerate(range(0, self.tokens.shape[0], self.batch_size)):
                     states.setdefault(batch_index, [None] * (self.n + 1))
                     loss, scored = batch_nll(self.model, self.tokens[start:start + self.batch_size].to(device))
@@ -153,10 +158,19 @@ class PrefixSharingEvaluator:
         return total / count
 
 
+def _keep_run(model, run: list[int], sublayers: np.ndarray | None):
+    """Only the blocks in `run`; of a sublayer mask, their kept sublayers."""
+    if sublayers is None:
+        return keep_only(model, run)
+    pairs = np.zeros((len(sublayers) // 2, 2), dtype=bool)
+    pairs[run] = sublayers.reshape(-1, 2)[run]
+    return keep(model, pairs.reshape(-1))
+
+
 def plain_nlls(model, tokens: torch.Tensor, masks: Iterable[np.ndarray], *, batch_size: int = 8) -> np.ndarray:
     """The reference path: each mask evaluated alone under `keep_only`."""
     values = []
     for mask in masks:
-        with keep_only(model, mask):
+        with keep(model, mask):
             values.append(mean_nll(model, tokens, batch_size=batch_size))
     return np.array(values)

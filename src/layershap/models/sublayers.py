@@ -81,9 +81,15 @@ def block_mask(mask) -> np.ndarray:
 
 
 def keep(model, mask):
-    """`keep_sublayers` for a 2n-entry boolean mask, else `layers.keep_only` (block masks, kept indices)."""
+    """`keep_sublayers` for a 2n-entry boolean mask, else `layers.keep_only` (block masks, kept indices). A
+    sublayer mask that keeps or drops each block whole (the empty one too) is run as its block mask."""
     n = len(_blocks(model))
-    return keep_sublayers(model, mask) if is_sublayer_mask(mask, n) else keep_only(model, mask)
+    if not is_sublayer_mask(mask, n):
+        return keep_only(model, mask)
+    pairs = np.asarray(mask, dtype=bool).reshape(n, 2)
+    if (pairs[:, 0] == pairs[:, 1]).all():
+        return keep_only(model, pairs[:, 0].copy())
+    return keep_sublayers(model, mask)
 
 
 class keep_sublayers:  # noqa: N801 - a context manager, used like keep_only
