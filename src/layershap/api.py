@@ -25,12 +25,17 @@ from layershap.plan.ratio import layers_to_remove
 def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(), model_name: str | None = None,
                 data: str = "c4", samples: int = 8, seq_len: int = 128, seed: int = 0,
                 eval_data=("wiki",), eval_samples: int = 16, eval_seq_len: int = 256, batch_size: int = 8,
-                backend=None, config: dict | None = None, quantize: str | None = None, **method_options) -> dict:
+                backend=None, config: dict | None = None, quantize: str | None = None, granularity: str = "block",
+                **method_options) -> dict:
     """Choose blocks with `method` on calibration text, remove them, save, and return the record written to
     `out/layershap.json` (held-out perplexity before and after included).
 
     quantize: int8 or int4: the pruned model is then quantized with torchao (`layershap.transform.quantize`) before it
     is saved, and the record gains `quantization` (scheme, config, sizes, held-out perplexity).
+
+    granularity: "block" removes round(ratio * n) blocks; "sublayer" removes attention and MLP sublayers whose
+    parameters add up to at least ratio of the blocks' (`layershap.plan.sublayer`), and saves a directory that
+    loads with trust_remote_code when single sublayers go.
 
     backend: where masked evaluations run (see `layershap.game.backends`; None: this process). config: the
     options as the CLI resolved them, written with provenance to `out/config.toml`.
@@ -38,6 +43,16 @@ def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(),
     from layershap.game.backends import use_backend
     from layershap.game.context import model_fingerprint
 
+    from layershap.game.layer_game import check_granularity
+
+    check_granularity(granularity)
+    if granularity == "sublayer":
+        from layershap.models.sublayers import check_sublayers
+
+        check_sublayers(model)
+        if quantize is not None:
+            raise LayershapError("--quantize with --granularity sublayer is not supported yet; quantize the saved "
+                                 "directory afterwards")
     if quantize is not None:
         from layershap.transform.quantize import check_quantizable
 
@@ -58,6 +73,10 @@ def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(),
                                  seed=seed, eval_data=list(eval_data), eval_samples=eval_samples,
                                  eval_seq_len=eval_seq_len, batch_size=batch_size, store=method_options.get("store"))
     started = time.perf_counter()
+    if granularity == "sublayer":
+        return _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters, model_fp, backend,
+                                ratio=ratio, method=method, out=out, protect=protected, model_name=model_name,
+                                seed=seed, batch_size=batch_size, **method_options)
     with use_backend(backend):
         plan = select_layers(method, model, calibration, k, protect=protected, seed=seed, batch_size=batch_size,
                              **method_options)
@@ -96,6 +115,58 @@ def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(),
         save_quantized(model, tokenizer, Path(out), record)
         record = read_json(Path(out) / "layershap.json")
     write_run_config(out, "prune", parameters, _provenance(model_fp, calibration, held_out, backend))
+    return record
+
+
+def _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters, model_fp, backend, *, ratio,
+                     method, out, protect, model_name, seed, batch_size, **method_options) -> dict:
+    """`prune_model` with --granularity sublayer: plan over 2n players, remove, save, record."""
+    import numpy as np
+
+    from layershap.game.backends import use_backend
+    from layershap.models.save_sublayers import save_sublayer_pruned
+    from layershap.models.sublayers import remove_sublayers
+    from layershap.plan.sublayer import sublayer_plan
+
+    n = num_layers(model)
+    started = time.perf_counter()
+    with use_backend(backend):
+        plan = sublayer_plan(model, calibration, ratio, settings=method_options.get("settings"),
+                             store=method_options.get("store"), batch_size=batch_size, seed=seed, protect=protect,
+                             block_method=method)
+    seconds = time.perf_counter() - started
+    mask = np.ones(2 * n, dtype=bool)
+    mask[plan.remove] = False
+    remove_sublayers(model, mask)
+    after = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
+    details = plan.details
+    record = {
+        "model": model_label(model_name),
+        "model_type": model.config.model_type,
+        "n_layers": n,
+        "granularity": "sublayer",
+        "removed": details["removed_sublayers"],
+        "removed_sublayers": details["removed_sublayers"],
+        "parameters_removed": details["parameters_removed"],
+        "parameter_fraction_removed": details["parameter_fraction_removed"],
+        "kv_cache_fraction_removed": details["kv_cache_fraction_removed"],
+        "method": method,
+        "ratio": ratio,
+        "protect": protect,
+        "ppl_before": before,
+        "ppl_after": after,
+        "forward_passes": plan.forward_passes,
+        "seconds": seconds,
+        "plan": details,
+        "calibration": calibration.describe(),
+        "evaluation": {name: w.describe() for name, w in held_out.items()},
+        "layershap_version": __version__,
+        "versions": versions(),
+        "model_fingerprint": model_fp,
+    }
+    save_sublayer_pruned(model, tokenizer, Path(out), record)
+    write_run_config(out, "prune", {**parameters, "granularity": "sublayer"},
+                     _provenance(model_fp, calibration, held_out, backend))
     return record
 
 

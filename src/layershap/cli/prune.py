@@ -63,7 +63,11 @@ def prune(ctx: typer.Context, ratio: Annotated[float, typer.Option(help="Fractio
           trust_remote_code: TrustRemoteCode = False, backend: BackendOption = "local",
           ray_address: RayAddressOption = None, config: ConfigOption = None,
           quantize: Annotated[str | None, typer.Option(help="Then quantize the pruned model with torchao: int8 or "
-                                                            "int4 (see `layershap quantize`).")] = None):
+                                                            "int4 (see `layershap quantize`).")] = None,
+          granularity: Annotated[str, typer.Option(help="Players: block (remove whole blocks) or sublayer (attention "
+                                                        "and MLP sublayers; --ratio is then a share of the blocks' "
+                                                        "parameters, and the saved model loads with "
+                                                        "trust_remote_code).")] = "block"):
     """Remove round(ratio * n) blocks chosen by a method, save the model, and measure held-out perplexity
     before and after."""
     from layershap.api import prune_model
@@ -71,8 +75,11 @@ def prune(ctx: typer.Context, ratio: Annotated[float, typer.Option(help="Fractio
     from layershap.plan.methods import get_method
     from layershap.plan.ratio import check_ratio, layers_to_remove
 
+    from layershap.game.layer_game import check_granularity
+
     check_ratio(ratio)
     get_method(method)
+    check_granularity(granularity)
     if quantize is not None:
         from layershap.models.load import resolve_device
         from layershap.transform.quantize import check_scheme
@@ -89,8 +96,14 @@ def prune(ctx: typer.Context, ratio: Annotated[float, typer.Option(help="Fractio
                              model_name=model, data=data, seed=seed, eval_data=_names(eval_data),
                              eval_samples=eval_samples, eval_seq_len=eval_seq_len, batch_size=batch_size,
                              settings=settings, store=store, backend=runner,
-                             config=parameters_from_context(ctx), quantize=quantize, **window)
-    typer.echo(f"removed {len(record['removed'])} of {record['n_layers']} blocks: {record['removed']}")
+                             config=parameters_from_context(ctx), quantize=quantize, granularity=granularity,
+                             **window)
+    if granularity == "sublayer":
+        typer.echo(f"removed {len(record['removed'])} of {2 * record['n_layers']} sublayers "
+                   f"({record['parameter_fraction_removed']:.1%} of block parameters, "
+                   f"{record['kv_cache_fraction_removed']:.1%} of the KV cache): {', '.join(record['removed'])}")
+    else:
+        typer.echo(f"removed {len(record['removed'])} of {record['n_layers']} blocks: {record['removed']}")
     for name in record["ppl_before"]:
         typer.echo(f"{name} perplexity: {record['ppl_before'][name]:.3f} -> {record['ppl_after'][name]:.3f}")
     for name, value in record.get("quantization", {}).get("ppl", {}).items():

@@ -1,0 +1,60 @@
+"""`prune --granularity sublayer` on a tiny Llama: the plan, the record, a directory that loads with remote
+code to the recorded perplexity; recurrent models refuse in one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import run_cli
+from tiny_models import tiny_model
+
+WINDOWS = ["--samples", 2, "--seq-len", 16]
+
+
+def _common(model_dir, text):
+    return ["--model", model_dir, "--data", text, "--eval-data", text, "--eval-samples", 2, "--eval-seq-len", 16]
+
+
+def test_prune_sublayers(capsys, tiny_model_dir, long_text_file, tmp_path):
+    out = tmp_path / "sub"
+    code, stdout, err = run_cli(["prune", "--granularity", "sublayer", "--ratio", "0.25", "--budget", 40, *WINDOWS,
+                                 *_common(tiny_model_dir, long_text_file), "--out", out], capsys)
+    assert code == 0, err
+    assert "sublayers" in stdout
+    record = json.loads((out / "layershap.json").read_text())
+    assert record["granularity"] == "sublayer"
+    assert record["parameter_fraction_removed"] >= 0.25
+    assert all(name.split(".")[0] in ("attn", "mlp") for name in record["removed_sublayers"])
+    plan = record["plan"]
+    # the block plan of the same ratio is measured, and the chosen plan is never worse on calibration
+    assert plan["measured_calibration_ppl"] <= plan["block_plan"]["measured_calibration_ppl"]
+    assert 0 <= record["kv_cache_fraction_removed"] <= 1
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        generated = reloaded.generate(torch.arange(1, 6)[None], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 9)
+    code, stdout, err = run_cli(["ppl", "--model", out, "--trust-remote-code", "--data", long_text_file,
+                                 "--samples", 2, "--seq-len", 16, "--json"], capsys)
+    assert code == 0, err
+    ppl = json.loads(stdout)["ppl"][str(long_text_file)]
+    assert ppl == pytest.approx(record["ppl_after"][str(long_text_file)], rel=1e-5)
+
+
+def test_recurrent_model_refuses_sublayers(capsys, tiny_tokenizer, long_text_file, tmp_path):
+    path = tmp_path / "mamba"
+    tiny_model("mamba").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    code, _, err = run_cli(["prune", "--granularity", "sublayer", "--ratio", "0.34", *WINDOWS,
+                            *_common(path, long_text_file), "--out", tmp_path / "x"], capsys)
+    assert code == 2
+    assert "recurrent" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_granularity_is_refused(capsys, tmp_path):
+    code, _, err = run_cli(["prune", "--granularity", "head", "--ratio", "0.3", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "--granularity" in err
+    assert np is not None
