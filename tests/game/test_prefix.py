@@ -76,3 +76,44 @@ def test_prefix_sharing_equals_plain_path_on_sublayer_masks(family):
     block = masks[0].reshape(6, 2)[:, 0].copy()
     block[2] = False
     np.testing.assert_array_equal(evaluator.nlls(block[None]), plain_nlls(model, tokens, block[None], batch_size=2))
+
+
+class _Injected(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_failure_mid_pass_leaves_no_wrong_state_behind(family):
+    """A pass that raises after some window batches already hold the new mask's states (an out-of-memory
+    error, Ctrl-C, a caller that catches and goes on) must not let the next mask resume from them."""
+    model = tiny_model(family)
+    tokens = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(3))
+    evaluator = PrefixSharingEvaluator(model, tokens, batch_size=2)  # three batches per pass
+    assert evaluator.enabled
+    full = np.ones(6, dtype=bool)
+    failing = full.copy()
+    failing[1] = False  # resumes at depth 1, rewrites the states at depths 2..6 batch by batch
+    after = [full.copy(), full.copy()]
+    after[0][4] = False  # resumes at depth 4 of the full model's path, which the failing pass overwrote
+    after[1][3] = False
+    assert evaluator.nll(full) == plain_nlls(model, tokens, [full], batch_size=2)[0]
+
+    from layershap.models.layers import block_list
+
+    calls = {"n": 0}
+
+    def explode(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third batch, after two batches have stored the failing mask's states
+            raise _Injected("injected failure")
+
+    handle = block_list(model)[4].register_forward_hook(explode)
+    try:
+        with pytest.raises(_Injected):
+            evaluator.nll(failing)
+    finally:
+        handle.remove()
+    assert calls["n"] == 3
+    values = [evaluator.nll(mask) for mask in [*after, failing, full]]
+    expected = plain_nlls(model, tokens, [*after, failing, full], batch_size=2)
+    np.testing.assert_array_equal(np.array(values), expected)

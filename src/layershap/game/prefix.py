@@ -93,7 +93,14 @@ class PrefixSharingEvaluator:
         if not run:  # nothing left to run after the shared prefix: no block to resume into
             resume, run = 0, [i for i in range(self.n) if blocks[i]]
         self.blocks_run += len(run)
-        value = self._run(blocks, resume, run, sublayers)
+        # Until this pass completes the cached states are a mix of the old path's and this mask's: forget the
+        # path (and the states) first, so an exception anywhere in the pass leaves nothing to resume from.
+        self._path = None
+        try:
+            value = self._run(blocks, resume, run, sublayers)
+        except BaseException:
+            self._states.clear()
+            raise
         self._path = mask.copy()
         return value
 
