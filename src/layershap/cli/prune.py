@@ -151,7 +151,14 @@ def estimate(ctx: typer.Context,
         record = estimate_run(loaded, tokenizer, out=out, model_name=model, backend=runner,
                               config=parameters_from_context(ctx, target_ratio=target_ratio or 0.25), **common)
     fit = record["surrogate"]
-    typer.echo(f"{record['evaluations']} masks evaluated, {record['reused']} reused from {record['store']}")
+    concurrent = record.get("reused_from_concurrent_run") or 0
+    typer.echo(f"{record['evaluations']} masks evaluated, {record['reused']} reused from {record['store']}"
+               + (f" ({concurrent} of them measured meanwhile by a concurrent run)" if concurrent else ""))
+    other = record.get("not_reused_other_conditions") or {}
+    if other:
+        parts = "; ".join(f"{count} under another {why}" for why, count in sorted(other.items()))
+        typer.echo(f"{sum(other.values())} stored rows of these masks were measured under other conditions "
+                   f"and not reused ({parts})")
     typer.echo(f"surrogate {fit['name']}: held-out r2 {fit['r2']:.3f}, spearman {fit['spearman']:.3f} "
                f"({fit['n_train']} train / {fit['n_holdout']} held out)")
     order = sorted(record["layers"], key=lambda e: e["shapley"])

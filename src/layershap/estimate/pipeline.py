@@ -22,7 +22,7 @@ from layershap.estimate.sampling import get_sampler
 from layershap.estimate.shapley import EXACT_MAX_PLAYERS, shapley_values, surrogate_shapley
 from layershap.estimate.surrogate import held_out_fit, make_surrogate
 from layershap.game.layer_game import LayerGame, Utility
-from layershap.game.measure import evaluate_masks
+from layershap.game.measure import Measured, evaluate_masks
 from layershap.game.store import EvaluationStore
 
 MIN_BUDGET = 20
@@ -90,6 +90,7 @@ class Estimate:
     settings: EstimateSettings
     seconds: float
     surrogate: object = field(repr=False, default=None)
+    measured: Measured = field(default_factory=Measured)
 
     def to_dict(self) -> dict:
         return {
@@ -99,6 +100,8 @@ class Estimate:
             "shapley_method": self.shapley_method,
             "evaluations": self.evaluations,
             "reused": self.reused,
+            "reused_from_concurrent_run": self.measured.from_concurrent,
+            "not_reused_other_conditions": dict(self.measured.other_contexts),
             "masks": len(self.masks),
             "base_nll": self.base_nll,
             "surrogate": {"name": self.settings.surrogate, **self.surrogate_fit},
@@ -150,9 +153,11 @@ def estimate(game: LayerGame, store: EvaluationStore, settings: EstimateSettings
     if settings.utility != game.utility.name:
         raise LayershapError(f"the game measures {game.utility.name!r} but the settings ask for {settings.utility!r}")
     masks = sample_masks(settings, game.n_players)
-    nlls, evaluated, reused = evaluate_masks(game, store, masks)
+    measured = Measured()
+    nlls, evaluated, reused = evaluate_masks(game, store, masks, measured=measured)
     result = estimate_from_measurements(game.utility, masks, nlls, settings)
     result.evaluations, result.reused, result.seconds = evaluated, reused, time.perf_counter() - started
+    result.measured = measured
     return result
 
 

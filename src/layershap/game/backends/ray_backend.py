@@ -117,12 +117,13 @@ class MaskWorker:
         return self.games[key]
 
     def identity(self, key: str, tokens, batch_size: int) -> dict:
-        from layershap.game.context import measurement_context, model_fingerprint
+        from layershap.game.context import context_description, measurement_context, model_fingerprint
 
         game = self._game(key, tokens, batch_size)
         if not hasattr(self, "fingerprint"):
             self.fingerprint = model_fingerprint(self.model)
-        return {"model_fp": self.fingerprint, "context": measurement_context(game), "pid": os.getpid()}
+        return {"model_fp": self.fingerprint, "context": measurement_context(game),
+                "about": context_description(game), "pid": os.getpid()}
 
     def evaluate(self, key: str, tokens, masks: np.ndarray, batch_size: int) -> list[tuple[float, float]]:
         """(nll, seconds) of every mask, in the order given."""
@@ -245,8 +246,12 @@ class RayBackend:
                 raise LayershapError(f"a Ray worker loaded another model (fingerprint {report['model_fp']}, the "
                                      f"driver's is {model_fp}): every node must see the same --model")
             if report["context"] != context:
-                raise LayershapError("a Ray worker measures in another context than the driver (different dtype "
-                                     "or windows); pass --dtype explicitly")
+                from layershap.game.context import context_description, context_differences
+
+                differ = ", ".join(context_differences(context_description(game), report.get("about")))
+                raise LayershapError(f"a Ray worker measures under other conditions than the driver ({differ}), "
+                                     "so its NLLs could not be stored under the driver's context; run the driver "
+                                     "on the workers' device, dtype and library versions (--device, --dtype)")
         self.checked.add(context)
 
     def _get(self, refs):
