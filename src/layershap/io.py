@@ -25,3 +25,37 @@ def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def check_writable_dir(path, option: str = "--out") -> Path:
+    """Create `path` (and its parents) and write and remove a probe file there now, so an output folder that
+    cannot be written (read-only, a file, under /proc, a full disk) is one line before any work is done."""
+    import errno
+    import os
+    import tempfile
+
+    from layershap.errors import LayershapError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".layershap-probe-")
+        try:
+            os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise LayershapError(f"cannot write to {option} {path}: {reason}") from None
+    return path
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An OSError as one line: what failed, on which path."""
+    import errno
+
+    reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    where = f" {exc.filename}" if exc.filename else ""
+    other = f" -> {exc.filename2}" if exc.filename2 else ""
+    return f"cannot write or read{where}{other}: {reason}"

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     except LayershapError as exc:
         print(f"layershap: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:  # a file-system failure (unwritable or full output, missing folder): one line
+        from layershap.io import describe_os_error
+
+        print(f"layershap: error: {describe_os_error(exc)}", file=sys.stderr)
+        sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except ClickException as exc:

@@ -38,6 +38,7 @@ from layershap.cli.options import load_model_from_options as _load
 from layershap.cli.options import names as _names
 from layershap.config import ConfigOption
 from layershap.errors import LayershapError
+from layershap.io import check_writable_dir
 
 DEFAULT_METHODS = "shapley,shortgpt,angular,loo,sleb,taylor,magnitude,random,last"
 
@@ -127,6 +128,7 @@ def compare(ratios: Annotated[str, typer.Option(help="Comma-separated fractions 
     settings, window = estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
                                           utility=utility, paired=paired, seed=seed, samples=samples,
                                           seq_len=seq_len, target_removed=None)
+    check_writable_dir(out)
     loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
     record = compare_methods(loaded, tokenizer, methods=method_list, ratios=ratio_list, data=data,
                              eval_data=eval_names, eval_samples=eval_samples, eval_seq_len=eval_seq_len,

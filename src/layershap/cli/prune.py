@@ -40,6 +40,7 @@ from layershap.cli.options import layer_list as _ints
 from layershap.cli.options import load_model_from_options as _load
 from layershap.cli.options import names as _names
 from layershap.config import ConfigOption, parameters_from_context
+from layershap.io import check_writable_dir
 
 
 def register(app: typer.Typer) -> None:
@@ -80,6 +81,7 @@ def prune(ctx: typer.Context, ratio: Annotated[float, typer.Option(help="Fractio
     check_ratio(ratio)
     get_method(method)
     check_granularity(granularity)
+    check_writable_dir(out)
     if quantize is not None:
         from layershap.models.load import resolve_device
         from layershap.transform.quantize import check_scheme
@@ -133,6 +135,8 @@ def estimate(ctx: typer.Context,
 
     if target_ratio is not None:
         check_ratio(target_ratio)
+    if not dry_run:
+        check_writable_dir(out)
     with backend_from_options(backend, ray_address, model=model, dtype=dtype, device=device,
                               trust_remote_code=trust_remote_code) as runner:
         loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
@@ -149,7 +153,7 @@ def estimate(ctx: typer.Context,
                        f"masks already stored), about {plan['estimated_seconds'] / 60:.1f} min on this device")
             return
         record = estimate_run(loaded, tokenizer, out=out, model_name=model, backend=runner,
-                              config=parameters_from_context(ctx, target_ratio=target_ratio or 0.25), **common)
+                              config=parameters_from_context(ctx), **common)
     fit = record["surrogate"]
     concurrent = record.get("reused_from_concurrent_run") or 0
     typer.echo(f"{record['evaluations']} masks evaluated, {record['reused']} reused from {record['store']}"

@@ -22,6 +22,7 @@ from layershap.cli.options import (
 from layershap.cli.options import load_model_from_options as _load
 from layershap.cli.options import names as _names
 from layershap.config import ConfigOption
+from layershap.io import check_writable_dir
 
 Scheme = Annotated[str, typer.Option(help="int8 (weight-only, per row) or int4 (weight-only, groups of 32 on "
                                           "CPU; tinygemm on CUDA with bfloat16).")]
@@ -37,6 +38,7 @@ def quantize(scheme: Scheme, out: Annotated[Path, typer.Option(help="Directory f
     from layershap.transform.quantize import check_scheme, quantize_run
 
     check_scheme(scheme, resolve_device(device))
+    check_writable_dir(out)
     eval_names = _names(eval_data)
     loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
     record = quantize_run(loaded, tokenizer, scheme=scheme, out=out, model_name=model, eval_data=eval_names,
@@ -66,6 +68,7 @@ def heal(out: Annotated[Path, typer.Option(help="Directory for the healed model.
     from layershap.transform.heal import check_heal_options, check_trainable, heal_run
 
     check_heal_options(steps=steps, lr=lr, rank=rank, alpha=alpha, batch_size=batch_size)
+    check_writable_dir(out)
     eval_names = _names(eval_data)
     loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
     check_trainable(loaded)
