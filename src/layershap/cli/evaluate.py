@@ -35,6 +35,7 @@ from layershap.cli.options import (
 )
 from layershap.cli.options import layer_list as _ints
 from layershap.cli.options import load_model_from_options as _load
+from layershap.cli.options import config_writer
 from layershap.cli.options import names as _names
 from layershap.config import ConfigOption
 from layershap.errors import LayershapError
@@ -85,7 +86,7 @@ def _check_tasks(tasks: list[str], limit: int | None, hub: bool) -> None:
     check_tasks(tasks, limit, False if hub else None)
 
 
-def compare(ratios: Annotated[str, typer.Option(help="Comma-separated fractions of blocks to remove, each in "
+def compare(ctx: typer.Context, ratios: Annotated[str, typer.Option(help="Comma-separated fractions of blocks to remove, each in "
                                                      "(0, 1), e.g. 0.2,0.35.")],
             out: Annotated[Path, typer.Option(help="Directory for compare.json, .csv, .md and .png.")],
             methods: Annotated[str, typer.Option(help="Comma-separated pruning methods (see `layershap "
@@ -130,12 +131,15 @@ def compare(ratios: Annotated[str, typer.Option(help="Comma-separated fractions 
                                           seq_len=seq_len, target_removed=None)
     check_writable_dir(out)
     loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
+    write_config = config_writer(ctx, out, "compare", loaded)
     record = compare_methods(loaded, tokenizer, methods=method_list, ratios=ratio_list, data=data,
                              eval_data=eval_names, eval_samples=eval_samples, eval_seq_len=eval_seq_len,
                              seed=seed, batch_size=batch_size, tasks=task_list, limit=limit,
                              offline=False if hub else None, settings=settings,
                              store=store, protect=protect_list, model_name=model, out=out,
                              log=lambda line: typer.echo(line, err=True), quantize=schemes, **window)
+    write_config(**window, **{key: getattr(settings, key) for key in ("budget", "sampler", "surrogate", "utility",
+                                                                      "paired")})
     typer.echo(markdown_table(record))
     for note in record.get("notes", []):
         typer.echo(note, err=True)

@@ -95,3 +95,19 @@ def estimate_settings(preset: str, *, budget, sampler, surrogate, utility, paire
     settings = with_overrides(EstimateSettings(**base, seed=seed, target_removed=target_removed), budget=budget,
                               sampler=sampler, surrogate=surrogate, utility=utility, paired=paired)
     return settings, window
+
+
+def config_writer(ctx, out, command: str, model):
+    """Fingerprint the model now (before the command changes it in place); the returned function writes
+    out/config.toml once the run has succeeded, with the values defaults resolved to."""
+    from layershap.config import parameters_from_context, write_run_config
+    from layershap.game.context import model_fingerprint
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    fingerprint = model_fingerprint(model)
+
+    def write(**resolved):
+        write_run_config(out, command, parameters_from_context(ctx, dtype=dtype, **resolved),
+                         {"model_fingerprint": fingerprint})
+
+    return write

@@ -20,6 +20,7 @@ from layershap.cli.options import (
     TrustRemoteCode,
 )
 from layershap.cli.options import load_model_from_options as _load
+from layershap.cli.options import config_writer
 from layershap.cli.options import names as _names
 from layershap.config import ConfigOption
 from layershap.io import check_writable_dir
@@ -28,7 +29,7 @@ Scheme = Annotated[str, typer.Option(help="int8 (weight-only, per row) or int4 (
                                           "CPU; tinygemm on CUDA with bfloat16).")]
 
 
-def quantize(scheme: Scheme, out: Annotated[Path, typer.Option(help="Directory for the quantized model.")],
+def quantize(ctx: typer.Context, scheme: Scheme, out: Annotated[Path, typer.Option(help="Directory for the quantized model.")],
              model: Model = None, eval_data: EvalData = "wiki", eval_samples: EvalSamples = 16,
              eval_seq_len: EvalSeqLen = 256, seed: Seed = 0, batch_size: BatchSize = 8, dtype: Dtype = "auto",
              device: Device = "auto", trust_remote_code: TrustRemoteCode = False, config: ConfigOption = None):
@@ -41,8 +42,10 @@ def quantize(scheme: Scheme, out: Annotated[Path, typer.Option(help="Directory f
     check_writable_dir(out)
     eval_names = _names(eval_data)
     loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
+    fingerprint_and_options = config_writer(ctx, out, "quantize", loaded)
     record = quantize_run(loaded, tokenizer, scheme=scheme, out=out, model_name=model, eval_data=eval_names,
                           eval_samples=eval_samples, eval_seq_len=eval_seq_len, seed=seed, batch_size=batch_size)
+    fingerprint_and_options()
     q = record["quantization"]
     typer.echo(f"{scheme}: {q['quantized_layers']} linear layers quantized ({q['config']}), "
                f"{len(q['float_layers'])} kept in float")
@@ -52,7 +55,7 @@ def quantize(scheme: Scheme, out: Annotated[Path, typer.Option(help="Directory f
                f"in memory, {q['checkpoint_bytes'] / 2**20:.1f} MiB on disk; saved to {out}")
 
 
-def heal(out: Annotated[Path, typer.Option(help="Directory for the healed model.")],
+def heal(ctx: typer.Context, out: Annotated[Path, typer.Option(help="Directory for the healed model.")],
          steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
          lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
          rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
@@ -72,10 +75,12 @@ def heal(out: Annotated[Path, typer.Option(help="Directory for the healed model.
     eval_names = _names(eval_data)
     loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
     check_trainable(loaded)
+    fingerprint_and_options = config_writer(ctx, out, "heal", loaded)
     record = heal_run(loaded, tokenizer, out=out, steps=steps, model_name=model, data=data, lr=lr, rank=rank,
                       alpha=alpha, batch_size=batch_size, samples=samples, seq_len=seq_len, seed=seed,
                       eval_data=eval_names, eval_samples=eval_samples, eval_seq_len=eval_seq_len)
     h = record["heal"]
+    fingerprint_and_options(alpha=h["alpha"])
     typer.echo(f"healed {h['target_layers']} layers ({', '.join(h['target_kinds'])}) with LoRA rank {rank}: "
                f"{steps} steps, training loss {h['loss_first']:.3f} -> {h['loss_last']:.3f}")
     for name in h["ppl_before"]:
@@ -86,3 +91,4 @@ def heal(out: Annotated[Path, typer.Option(help="Directory for the healed model.
 def register(app: typer.Typer) -> None:
     app.command()(quantize)
     app.command()(heal)
+
