@@ -5,6 +5,7 @@ import json
 import tomllib
 
 import pytest
+import torch
 from conftest import run_cli
 
 # Keys whose values are times or paths: they differ between two runs of the same configuration.
@@ -28,7 +29,16 @@ def _results(run):
                 path.name.startswith("compare"):
             continue  # compare's table and plot show the times compare.json holds; compared there
         name = str(path.relative_to(run))
-        found[name] = _normalised(json.loads(path.read_text())) if path.suffix == ".json" else path.read_bytes()
+        if path.suffix == ".json":
+            found[name] = _normalised(json.loads(path.read_text()))
+        elif path.suffix == ".safetensors":  # the tensors and their names; the header's layout may differ
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                found[name] = {key: f.get_tensor(key).view(-1).view(torch.uint8).numpy().tobytes()
+                               for key in sorted(f.keys())}
+        else:
+            found[name] = path.read_bytes()
     return found
 
 

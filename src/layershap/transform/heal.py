@@ -96,6 +96,7 @@ def heal_model(model, windows, *, steps: int, lr: float = 2e-4, rank: int = 8, a
     alpha = float(alpha if alpha is not None else 2 * rank)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=targets,
                         fan_in_fan_out=fan_in_fan_out)
+    torch.manual_seed(seed)  # before the adapters exist: their initial weights are drawn from it
     with warnings.catch_warnings():  # PEFT calls a transformers method that is deprecated in favour of another
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, config)
@@ -105,7 +106,6 @@ def heal_model(model, windows, *, steps: int, lr: float = 2e-4, rank: int = 8, a
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     n = tokens.shape[0]  # epochs of shuffled windows, cut into batches
     stream = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-steps * batch_size // n))])
     batches = stream[:steps * batch_size].view(steps, batch_size)
