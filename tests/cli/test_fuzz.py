@@ -14,8 +14,8 @@ from contextlib import redirect_stderr, redirect_stdout
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("LAYERSHAP_FUZZ_EXAMPLES", "60"))
 

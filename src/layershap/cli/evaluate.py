@@ -31,11 +31,11 @@ from layershap.cli.options import (
     Surrogate,
     TrustRemoteCode,
     Utility,
+    config_writer,
     estimate_settings,
 )
 from layershap.cli.options import layer_list as _ints
 from layershap.cli.options import load_model_from_options as _load
-from layershap.cli.options import config_writer
 from layershap.cli.options import names as _names
 from layershap.config import ConfigOption
 from layershap.errors import LayershapError

@@ -72,11 +72,10 @@ def prune(ctx: typer.Context, ratio: Annotated[float, typer.Option(help="Fractio
     """Remove round(ratio * n) blocks chosen by a method, save the model, and measure held-out perplexity
     before and after."""
     from layershap.api import prune_model
+    from layershap.game.layer_game import check_granularity
     from layershap.models.layers import num_layers
     from layershap.plan.methods import get_method
     from layershap.plan.ratio import check_ratio, layers_to_remove
-
-    from layershap.game.layer_game import check_granularity
 
     check_ratio(ratio)
     get_method(method)

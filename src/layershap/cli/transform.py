@@ -18,9 +18,9 @@ from layershap.cli.options import (
     Model,
     Seed,
     TrustRemoteCode,
+    config_writer,
 )
 from layershap.cli.options import load_model_from_options as _load
-from layershap.cli.options import config_writer
 from layershap.cli.options import names as _names
 from layershap.config import ConfigOption
 from layershap.io import check_writable_dir

@@ -38,21 +38,31 @@ def _config_digest(model):
     return digest
 
 
+def _raw_bytes(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """A tensor's bytes as flat uint8 tensors; a tensor subclass (torchao's quantized weights) by its inner
+    tensors (the stored integers and scales), else by its dequantized values."""
+    try:
+        return [tensor.detach().reshape(-1).contiguous().view(torch.uint8)]
+    except (RuntimeError, TypeError, NotImplementedError):
+        pass
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is not None:
+        names, _ = flatten()
+        inner = [getattr(tensor, name) for name in names]
+        if all(isinstance(t, torch.Tensor) for t in inner):
+            return [raw for t in inner for raw in _raw_bytes(t)]
+    values = tensor.dequantize() if hasattr(tensor, "dequantize") else tensor
+    return [values.detach().to("cpu", torch.float32).reshape(-1).contiguous().view(torch.uint8)]
+
+
 def _tensor_bytes(tensor: torch.Tensor):
     """The tensor's raw bytes as host memoryviews, a chunk at a time (no copy for a contiguous CPU tensor)."""
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() == 0:
-        return
-    try:
-        raw = flat.contiguous().view(torch.uint8)
-    except (RuntimeError, TypeError, NotImplementedError):  # a tensor subclass (quantized weights): its values
-        raw = flat.dequantize() if hasattr(flat, "dequantize") else flat
-        raw = raw.to("cpu", torch.float32).contiguous().view(torch.uint8)
-    for start in range(0, raw.numel(), _HASH_CHUNK_BYTES):
-        chunk = raw[start:start + _HASH_CHUNK_BYTES]
-        if chunk.device.type != "cpu":
-            chunk = chunk.cpu()
-        yield memoryview(chunk.numpy())
+    for raw in _raw_bytes(tensor):
+        for start in range(0, raw.numel(), _HASH_CHUNK_BYTES):
+            chunk = raw[start:start + _HASH_CHUNK_BYTES]
+            if chunk.device.type != "cpu":
+                chunk = chunk.cpu()
+            yield memoryview(chunk.numpy())
 
 
 def model_fingerprint(model) -> str:
