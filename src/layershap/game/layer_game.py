@@ -123,7 +123,7 @@ class LayerGame:
         """Mean NLL of many masks, yielding `(row, nll, seconds)` as each is known.
 
         Rows are visited in the order that shares the most leading blocks and resumed from cached hidden
-        states (`evaluate/prefix.py`), which gives the same values as `nll` at a fraction of the cost.
+        states (`game/prefix.py`), which gives the same values as `nll` at a fraction of the cost.
         """
         masks = np.asarray(masks, dtype=bool)
         for mask in masks:

@@ -68,7 +68,7 @@ class Architecture:
         `do_layer_norm_before = False` is post-norm: a norm after each residual sum, which skipping the
         sublayer would still have to run).
     prefix_sharing: whether a cached hidden state may be fed to any block as its input (see
-        `evaluate/prefix.py`); not for RWKV, whose first block also normalises what it is given.
+        `game/prefix.py`); not for RWKV, whose first block also normalises what it is given.
     """
 
     name: str
