@@ -32,6 +32,8 @@ from layershap.models.layers import num_layers
 from layershap.models.sublayers import block_parameters, kv_cache_fraction_removed, sublayer_names, sublayer_parameters
 from layershap.plan.methods import select_layers
 from layershap.plan.methods.base import Plan
+from layershap.plan.methods.blockpruner import blockpruner
+from layershap.plan.methods.llm_drop import llm_drop
 from layershap.plan.ratio import check_ratio
 
 
@@ -51,7 +53,7 @@ def sublayer_mask_of_blocks(n: int, remove) -> np.ndarray:
 
 
 def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | None = None, store=None,
-                  batch_size: int = 8, seed: int = 0, protect=(), block_method: str = "shapley") -> Plan:
+                  batch_size: int = 8, seed: int = 0, protect=(), block_method: str = "shapley", **_) -> Plan:
     """The sublayer plan (see the module doc); `Plan.remove` holds player indices (2i: attn.i, 2i+1: mlp.i)."""
     started = time.perf_counter()
     settings = settings or EstimateSettings(seed=seed)
@@ -115,6 +117,23 @@ def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | 
     return Plan(f"{block_method}-sublayer", 2 * n, remove, result.shapley.tolist(),
                 forward_passes=block.forward_passes + evaluations, seconds=time.perf_counter() - started,
                 details=details)
+
+
+# The sublayer methods, registered by name: `(model, windows, ratio, **options) -> Plan` whose `remove` holds
+# player indices (2i: attn.i, 2i+1: mlp.i). `compare --granularity sublayer` runs these; a block method named
+# there runs at the fewest blocks whose parameters reach the ratio.
+SUBLAYER_METHODS = {
+    "shapley": sublayer_plan,
+    "blockpruner": blockpruner,
+    "llmdrop": llm_drop,
+}
+
+
+def select_sublayers(method: str, model, windows, ratio: float, **options) -> Plan:
+    """Run a registered sublayer method: which sublayers to remove for a parameter ratio."""
+    if method not in SUBLAYER_METHODS:
+        raise LayershapError(f"unknown sublayer method {method!r}; use one of {', '.join(SUBLAYER_METHODS)}")
+    return SUBLAYER_METHODS[method](model, windows, ratio, **options)
 
 
 def feasible(masks: np.ndarray, params: np.ndarray, target: float) -> np.ndarray:
