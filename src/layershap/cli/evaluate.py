@@ -105,13 +105,20 @@ def compare(ctx: typer.Context, ratios: Annotated[str, typer.Option(help="Comma-
             batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
             trust_remote_code: TrustRemoteCode = False, config: ConfigOption = None,
             quantize: Annotated[str | None, typer.Option(help="Also measure every plan pruned and quantized with "
-                                                              "these torchao schemes, e.g. int8,int4.")] = None):
+                                                              "these torchao schemes, e.g. int8,int4.")] = None,
+            granularity: Annotated[str, typer.Option(help="block, or sublayer: --ratios are then shares of the "
+                                                          "blocks' parameters; shapley, blockpruner and llmdrop "
+                                                          "remove attention and MLP sublayers, block methods the "
+                                                          "fewest blocks that reach the share.")] = "block"):
     """Compare pruning methods: per method and ratio, removed blocks, held-out perplexity, zero-shot average
     (with --tasks), forward passes and time spent choosing; writes compare.json/.csv/.md and a plot."""
     from layershap.evaluate.compare import check_methods, check_ratios, compare_methods
     from layershap.evaluate.compare_output import markdown_table
 
-    method_list = check_methods(_names(methods))
+    from layershap.game.layer_game import check_granularity
+
+    check_granularity(granularity)
+    method_list = check_methods(_names(methods), granularity)
     ratio_list = check_ratios(_floats(ratios, "--ratios"))
     task_list = _names(tasks) if tasks is not None else None
     _check_limit(limit)
@@ -137,7 +144,8 @@ def compare(ctx: typer.Context, ratios: Annotated[str, typer.Option(help="Comma-
                              seed=seed, batch_size=batch_size, tasks=task_list, limit=limit,
                              offline=False if hub else None, settings=settings,
                              store=store, protect=protect_list, model_name=model, out=out,
-                             log=lambda line: typer.echo(line, err=True), quantize=schemes, **window)
+                             log=lambda line: typer.echo(line, err=True), quantize=schemes,
+                             granularity=granularity, **window)
     write_config(**window, **{key: getattr(settings, key) for key in ("budget", "sampler", "surrogate", "utility",
                                                                       "paired")})
     typer.echo(markdown_table(record))

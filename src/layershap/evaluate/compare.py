@@ -30,12 +30,18 @@ from layershap.plan.methods import get_method, select_layers
 from layershap.plan.ratio import check_ratio, layers_to_remove
 
 
-def check_methods(methods: Sequence[str]) -> list[str]:
-    """The method names, each registered and none twice (a LayershapError naming the valid ones otherwise)."""
+def check_methods(methods: Sequence[str], granularity: str = "block") -> list[str]:
+    """The method names, each registered and none twice (a LayershapError naming the valid ones otherwise).
+    With granularity "sublayer" the sublayer methods (`plan.sublayer.SUBLAYER_METHODS`) are valid too."""
     methods = list(methods)
     if not methods:
         raise LayershapError("no methods given; use `layershap methods` to list them")
     for name in methods:
+        if granularity == "sublayer":
+            from layershap.plan.sublayer import SUBLAYER_METHODS
+
+            if name in SUBLAYER_METHODS:
+                continue
         get_method(name)
     if len(set(methods)) != len(methods):
         raise LayershapError(f"a method is listed twice in {', '.join(methods)}")
@@ -102,7 +108,7 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
                     eval_samples: int = 16, eval_seq_len: int = 256, seed: int = 0, batch_size: int = 8,
                     tasks: Sequence[str] | None = None, limit: int | None = None, settings=None, store=None,
                     offline: bool | None = None, protect: Sequence[int] = (), model_name: str | None = None,
-                    out=None, quantize: Sequence[str] = (),
+                    out=None, quantize: Sequence[str] = (), granularity: str = "block",
                     log: Callable[[str], None] | None = None) -> dict:
     """Run every method at every ratio on `model` (left unmodified) and measure each plan.
 
@@ -116,21 +122,42 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
     ratio with `method`, `ratio`, `k`, `removed`, `kept`, `ppl` ({eval text: perplexity}), `forward_passes`
     and `seconds` (spent choosing the blocks), `scores`, `details`, and with tasks `zero_shot` and
     `zero_shot_average`.
+
+    granularity: "block", or "sublayer": each ratio is then a share of the decoder blocks' parameters; a
+    sublayer method (`plan.sublayer.SUBLAYER_METHODS`; `shapley` is the sublayer game's plan) removes attention
+    and MLP sublayers whose parameters reach it, and a block method removes the fewest blocks whose parameters
+    reach it. Rows then say `granularity`, `parameter_fraction_removed` and `kv_cache_fraction_removed`, name
+    removed sublayers as `attn.i` / `mlp.i`, and `shapley` adds a `shapley-block` row: the block plan the
+    sublayer plan was seeded with (its passes are part of the sublayer plan's).
     """
-    methods = check_methods(methods)
+    from layershap.game.layer_game import check_granularity
+
+    check_granularity(granularity)
+    methods = check_methods(methods, granularity)
+    if granularity == "sublayer":
+        from layershap.models.sublayers import check_sublayers
+
+        check_sublayers(model)
+        if quantize:
+            raise LayershapError("--quantize with --granularity sublayer is not supported yet")
     ratios = check_ratios(ratios)
     tasks = check_tasks(tasks, limit, offline)
     eval_data = list(dict.fromkeys(eval_data))
     if not eval_data:
         raise LayershapError("no evaluation texts given; use e.g. --eval-data wiki")
     n = num_layers(model)
-    ks = {r: layers_to_remove(r, n) for r in ratios}
+    if granularity == "sublayer":
+        from layershap.plan.sublayer import blocks_for_parameter_ratio
+
+        ks = {r: blocks_for_parameter_ratio(r, n) for r in ratios}
+    else:
+        ks = {r: layers_to_remove(r, n) for r in ratios}
     protected = normalise_layer_list(protect, n)
     if n - len(protected) < max(ks.values()):
         raise LayershapError(f"--protect keeps {len(protected)} of {n} blocks, leaving {n - len(protected)} to "
                              f"choose {max(ks.values())} from; protect fewer blocks or lower --ratios")
     check_gradients(model, methods)
-    check_budgets(methods, settings, n)
+    check_budgets([m for m in methods if granularity == "block" or m != "shapley"], settings, n)
     quantize = list(dict.fromkeys(quantize))
     if quantize:
         from layershap.transform.quantize import check_quantizable
@@ -149,6 +176,7 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
         "n_layers": n,
         "methods": methods,
         "ratios": ratios,
+        **({"granularity": granularity} if granularity != "block" else {}),
         "protect": protected,
         "seed": seed,
         "calibration": calibration.describe(),
@@ -164,7 +192,11 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
 
     def measure(mask, target=model) -> dict:
         row: dict = {}
-        with keep_only(target, mask):
+        if granularity == "sublayer":
+            from layershap.models.sublayers import keep as keeping  # block masks too
+        else:
+            keeping = keep_only
+        with keeping(target, mask):
             row["ppl"] = {name: perplexity(target, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
             if tasks:
                 from layershap.evaluate.zeroshot import zero_shot
@@ -202,6 +234,11 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
     add_quantized(dense)
     for method in methods:
         for ratio in ratios:
+            if granularity == "sublayer":
+                for row in _sublayer_rows(model, calibration, method, ratio, ks[ratio], measure, protect=protected,
+                                          seed=seed, batch_size=batch_size, store=store, settings=settings):
+                    add(row)
+                continue
             k = ks[ratio]
             options = {"protect": protected, "seed": seed, "batch_size": batch_size, "store": store}
             if settings is not None:
@@ -219,3 +256,44 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
     if out is not None:
         write_compare(record, out)
     return record
+
+
+def _sublayer_rows(model, calibration, method: str, ratio: float, k_block: int, measure, **options) -> list[dict]:
+    """`compare --granularity sublayer`: the rows of one method at one parameter ratio."""
+    from layershap.plan.methods._sublayers import sublayer_record
+    from layershap.plan.sublayer import SUBLAYER_METHODS, select_sublayers, sublayer_mask_of_blocks
+
+    n = num_layers(model)
+    chosen = time.perf_counter()
+    if method not in SUBLAYER_METHODS:
+        settings = options.pop("settings")
+        if settings is not None:
+            options["settings"] = replace(settings, target_removed=k_block)
+        plan = select_layers(method, model, calibration, k_block, **options)
+        mask = sublayer_mask_of_blocks(n, plan.remove)
+        return [{"method": method, "granularity": "block", "ratio": ratio, "k": k_block,
+                 "removed": list(plan.remove), "kept": plan.kept, **_fractions(sublayer_record(model, mask)),
+                 **measure(mask), "forward_passes": plan.forward_passes, "seconds": time.perf_counter() - chosen,
+                 "scores": plan.scores, "details": plan.details}]
+    plan = select_sublayers(method, model, calibration, ratio, **options)
+    seconds = time.perf_counter() - chosen
+    mask = np.ones(2 * n, dtype=bool)
+    mask[plan.remove] = False
+    record = sublayer_record(model, mask)
+    rows = [{"method": method, "granularity": "sublayer", "ratio": ratio, "k": len(plan.remove),
+             "removed": record["removed_sublayers"], "kept": [j for j in range(2 * n) if mask[j]],
+             **_fractions(record), **measure(mask), "forward_passes": plan.forward_passes, "seconds": seconds,
+             "scores": plan.scores, "details": plan.details}]
+    block = plan.details.get("block_plan")
+    if block is not None:
+        block_mask = sublayer_mask_of_blocks(n, block["removed"])
+        rows.append({"method": f"{method}-block", "granularity": "block", "ratio": ratio, "k": len(block["removed"]),
+                     "removed": list(block["removed"]), "kept": [i for i in range(n) if i not in block["removed"]],
+                     **_fractions(sublayer_record(model, block_mask)), **measure(block_mask),
+                     "forward_passes": block["forward_passes"], "seconds": 0.0, "scores": None,
+                     "details": {"seed_of": method, "measured_calibration_ppl": block["measured_calibration_ppl"]}})
+    return rows
+
+
+def _fractions(record: dict) -> dict:
+    return {key: record[key] for key in ("parameter_fraction_removed", "kv_cache_fraction_removed")}

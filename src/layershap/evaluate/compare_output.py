@@ -48,6 +48,9 @@ def compare_csv(record: dict) -> str:
     if _has_zero_shot(record):
         header.append("zero_shot_average")
     header += ["forward_passes", "seconds"]
+    sub = _sublayer(record)
+    if sub:
+        header += ["granularity", "parameter_fraction_removed", "kv_cache_fraction_removed"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -57,6 +60,9 @@ def compare_csv(record: dict) -> str:
         if _has_zero_shot(record):
             line.append(f"{row['zero_shot_average']:.6g}" if "zero_shot_average" in row else "")
         line += [row["forward_passes"], f"{row['seconds']:.3f}"]
+        if sub:
+            line += [row.get("granularity", "block"), f"{row.get('parameter_fraction_removed', 0.0):.6g}",
+                     f"{row.get('kv_cache_fraction_removed', 0.0):.6g}"]
         writer.writerow(line)
     return buffer.getvalue()
 
@@ -68,6 +74,9 @@ def markdown_table(record: dict) -> str:
     if zero:
         header.append("zero-shot avg")
     header += ["forward passes", "seconds"]
+    sub = _sublayer(record)
+    if sub:
+        header += ["params removed", "KV cache removed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in record["rows"]:
         cells = [row["method"], f"{row['ratio']:g}", ", ".join(map(str, row["removed"])) or "-",
@@ -75,8 +84,14 @@ def markdown_table(record: dict) -> str:
         if zero:
             cells.append(f"{row['zero_shot_average']:.4f}" if "zero_shot_average" in row else "")
         cells += [str(row["forward_passes"]), f"{row['seconds']:.1f}"]
+        if sub:
+            cells += [f"{row.get('parameter_fraction_removed', 0.0):.1%}", f"{row.get('kv_cache_fraction_removed', 0.0):.0%}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _sublayer(record: dict) -> bool:
+    return record.get("granularity") == "sublayer"
 
 
 def _number(value: float) -> str:
@@ -108,7 +123,8 @@ def plot_compare(record: dict, path) -> str | None:
             ax.plot([row["ratio"] for row in rows], y, label=method, marker="os^vDP*X"[number % 8],
                     linestyle=("-", "--", "-.", ":")[number // 8 % 4], alpha=0.85)
         ax.set_yscale("log")
-        ax.set_xlabel("fraction of blocks removed")
+        ax.set_xlabel("fraction of block parameters removed" if record.get("granularity") == "sublayer"
+                      else "fraction of blocks removed")
         ax.set_ylabel(f"perplexity ({Path(name).name})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
