@@ -172,9 +172,12 @@ def _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters
 
 def estimate_run(model, tokenizer, *, out, settings, model_name: str | None = None, data: str = "c4",
                  samples: int = 8, seq_len: int = 128, batch_size: int = 8, store=None, backend=None,
-                 config: dict | None = None) -> dict:
+                 config: dict | None = None, granularity: str = "block") -> dict:
     """Estimate every layer's Shapley value and write `out/shapley.json`, `out/shapley.csv` and
-    `out/config.toml` (backend and config as for `prune_model`)."""
+    `out/config.toml` (backend and config as for `prune_model`).
+
+    granularity "sublayer": the players are attn.i and mlp.i (2n); the record then says `granularity`, every
+    entry of `layers` has its `name`, and shapley.csv gains a name column."""
     from layershap.estimate.pipeline import estimate
     from layershap.game.backends import use_backend
     from layershap.game.layer_game import LayerGame
@@ -183,7 +186,7 @@ def estimate_run(model, tokenizer, *, out, settings, model_name: str | None = No
     out = Path(out)
     calibration = text_windows(data, tokenizer, samples=samples, seq_len=seq_len, seed=settings.seed,
                                split="calibration")
-    game = LayerGame(model, calibration, utility=settings.utility, batch_size=batch_size)
+    game = LayerGame(model, calibration, utility=settings.utility, batch_size=batch_size, granularity=granularity)
     with open_store(model, store) as db:
         _check_run_dir(out, db.model_fp)
         with use_backend(backend):
@@ -198,17 +201,27 @@ def estimate_run(model, tokenizer, *, out, settings, model_name: str | None = No
         "layershap_version": __version__,
         "versions": versions(),
     }
+    if granularity == "sublayer":
+        record["granularity"] = granularity
+        for entry, name in zip(record["layers"], game.player_names):
+            entry["name"] = name
+        lines = ["index,name,shapley,stderr"] + [f"{e['index']},{e['name']},{e['shapley']:.8g},{e['stderr']:.8g}"
+                                                 for e in record["layers"]]
+    else:
+        lines = ["index,shapley,stderr"] + [f"{e['index']},{e['shapley']:.8g},{e['stderr']:.8g}"
+                                            for e in record["layers"]]
     write_json(out / "shapley.json", record)
-    lines = ["index,shapley,stderr"] + [f"{e['index']},{e['shapley']:.8g},{e['stderr']:.8g}" for e in record["layers"]]
     (out / "shapley.csv").write_text("\n".join(lines) + "\n")
     parameters = _run_parameters(model, model_name, settings, config, out=out, data=data, samples=samples,
                                  seq_len=seq_len, batch_size=batch_size, store=store)
+    if granularity != "block":
+        parameters["granularity"] = granularity
     write_run_config(out, "estimate", parameters, _provenance(db.model_fp, calibration, {}, backend))
     return record
 
 
 def estimate_dry_run(model, tokenizer, *, settings, data: str = "c4", samples: int = 8, seq_len: int = 128,
-                     batch_size: int = 8, store=None) -> dict:
+                     batch_size: int = 8, store=None, granularity: str = "block") -> dict:
     """How many forward passes an estimate would run and roughly how long; evaluates no mask.
 
     The time per pass comes from earlier evaluations in the store, or else from one timed full pass.
@@ -218,11 +231,11 @@ def estimate_dry_run(model, tokenizer, *, settings, data: str = "c4", samples: i
     from layershap.game.layer_game import LayerGame
     from layershap.game.store import mask_key, open_store
 
-    n = num_layers(model)
+    n = num_layers(model) * (2 if granularity == "sublayer" else 1)  # the players
     settings.check(n)
     calibration = text_windows(data, tokenizer, samples=samples, seq_len=seq_len, seed=settings.seed,
                                split="calibration")
-    game = LayerGame(model, calibration, utility=settings.utility, batch_size=batch_size)
+    game = LayerGame(model, calibration, utility=settings.utility, batch_size=batch_size, granularity=granularity)
     masks = sample_masks(settings, n)
     with open_store(model, store) as db:
         context = measurement_context(game)

@@ -58,3 +58,22 @@ def test_unknown_granularity_is_refused(capsys, tmp_path):
     code, _, err = run_cli(["prune", "--granularity", "head", "--ratio", "0.3", "--out", tmp_path / "x"], capsys)
     assert code == 2 and "--granularity" in err
     assert np is not None
+
+
+def test_estimate_sublayers(capsys, tiny_model_dir, long_text_file, tmp_path):
+    out = tmp_path / "est"
+    args = ["estimate", "--granularity", "sublayer", "--budget", 30, *WINDOWS, "--model", tiny_model_dir,
+            "--data", long_text_file, "--store", tmp_path / "s.sqlite", "--out", out]
+    code, stdout, err = run_cli([*args, "--dry-run"], capsys)
+    assert code == 0, err
+    assert "would run 30 forward passes (0 of 30 masks already stored)" in stdout
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "lowest-valued sublayers: " in stdout
+    record = json.loads((out / "shapley.json").read_text())
+    assert record["granularity"] == "sublayer" and record["n_layers"] == 12
+    assert [e["name"] for e in record["layers"]][:3] == ["attn.0", "mlp.0", "attn.1"]
+    assert (out / "shapley.csv").read_text().splitlines()[1].startswith("0,attn.0,")
+    assert "granularity" in (out / "config.toml").read_text()
+    code, stdout, err = run_cli([*args, "--dry-run"], capsys)
+    assert code == 0 and "would run 0 forward passes (30 of 30 masks already stored)" in stdout, err

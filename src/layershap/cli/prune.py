@@ -125,13 +125,18 @@ def estimate(ctx: typer.Context,
              seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per window (default 128).")]
              = None, seed: Seed = 0, batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
              trust_remote_code: TrustRemoteCode = False, backend: BackendOption = "local",
-             ray_address: RayAddressOption = None, config: ConfigOption = None):
+             ray_address: RayAddressOption = None, config: ConfigOption = None,
+             granularity: Annotated[str, typer.Option(help="Players: block, or sublayer (attn.i and mlp.i of every "
+                                                           "block, 2n players).")] = "block"):
     """Estimate every layer's Shapley value: sample masks, evaluate them (reusing the store), fit the
     surrogate, and write shapley.json / shapley.csv."""
     from layershap.api import estimate_dry_run, estimate_run
     from layershap.models.layers import num_layers
     from layershap.plan.ratio import check_ratio, layers_to_remove
 
+    from layershap.game.layer_game import check_granularity
+
+    check_granularity(granularity)
     if target_ratio is not None:
         check_ratio(target_ratio)
     if not dry_run:
@@ -140,12 +145,19 @@ def estimate(ctx: typer.Context,
                               trust_remote_code=trust_remote_code) as runner:
         loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
         n = num_layers(loaded)
+        if granularity == "sublayer":
+            from layershap.models.sublayers import check_sublayers
+            from layershap.plan.sublayer import blocks_for_parameter_ratio
+
+            check_sublayers(loaded)
+            target = 2 * blocks_for_parameter_ratio(target_ratio, n) if target_ratio is not None else None
+        else:
+            target = layers_to_remove(target_ratio, n) if target_ratio is not None else None
         settings, window = estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
                                               utility=utility, paired=paired, seed=seed, samples=samples,
-                                              seq_len=seq_len,
-                                              target_removed=(layers_to_remove(target_ratio, n)
-                                                              if target_ratio is not None else None))
-        common = dict(settings=settings, data=data, batch_size=batch_size, store=store, **window)
+                                              seq_len=seq_len, target_removed=target)
+        common = dict(settings=settings, data=data, batch_size=batch_size, store=store, granularity=granularity,
+                      **window)
         if dry_run:
             plan = estimate_dry_run(loaded, tokenizer, **common)
             typer.echo(f"would run {plan['forward_passes']} forward passes ({plan['stored']} of {plan['masks']} "
@@ -165,7 +177,8 @@ def estimate(ctx: typer.Context,
     typer.echo(f"surrogate {fit['name']}: held-out r2 {fit['r2']:.3f}, spearman {fit['spearman']:.3f} "
                f"({fit['n_train']} train / {fit['n_holdout']} held out)")
     order = sorted(record["layers"], key=lambda e: e["shapley"])
-    typer.echo("lowest-valued layers: " + ", ".join(f"{e['index']} ({e['shapley']:.4f})" for e in order[:8]))
+    typer.echo(f"lowest-valued {'sublayers' if granularity == 'sublayer' else 'layers'}: "
+               + ", ".join(f"{e.get('name', e['index'])} ({e['shapley']:.4f})" for e in order[:8]))
     typer.echo(f"wrote {out / 'shapley.json'} and {out / 'shapley.csv'}")
 
 
