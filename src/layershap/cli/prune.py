@@ -186,6 +186,12 @@ def methods(config: ConfigOption = None):
     """List the pruning methods."""
     from layershap.plan.methods import METHODS
 
+    from layershap.plan.sublayer import SUBLAYER_METHODS
+
     for name, fn in METHODS.items():
         doc = fn.__doc__ or sys.modules[fn.__module__].__doc__ or ""
         typer.echo(f"{name}: {doc.strip().splitlines()[0] if doc.strip() else ''}")
+    for name, fn in SUBLAYER_METHODS.items():
+        if name not in METHODS:
+            doc = sys.modules[fn.__module__].__doc__ or ""
+            typer.echo(f"{name} (compare --granularity sublayer): {doc.strip().splitlines()[0] if doc.strip() else ''}")
