@@ -47,6 +47,8 @@ def test_heal_command_lowers_loss_and_saves_a_plain_model(capsys, tiny_model_dir
     assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 and losses[-1] < losses[0]
     name = str(long_text_file)
     assert heal["ppl_after"][name] < heal["ppl_before"][name]
+    card = (tmp_path / "healed" / "README.md").read_text()
+    assert "- layershap\n- lora-healed\n" in card and "Healed with LoRA (rank 8, 8 steps)" in card
 
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "healed").eval()
     original = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

@@ -90,6 +90,8 @@ def test_quantize_command_and_reload_through_layershap(capsys, tiny_model_dir, l
     q = record["quantization"]
     assert q["scheme"] == "int8" and set(q["ppl_before"]) == set(q["ppl_after"]) == {str(long_text_file)}
     assert all(math.isfinite(v) for v in q["ppl_after"].values())
+    card = (tmp_path / "q" / "README.md").read_text()  # the model card: a quantized, not a pruned, model
+    assert "tags:\n- layershap\n- quantized\n- torchao\n" in card and "Quantized with torchao: int8" in card
 
     code, out, err = run_cli(["ppl", "--model", tmp_path / "q", "--data", long_text_file, "--samples", 2,
                               "--seq-len", 32, "--json"], capsys)
@@ -111,6 +113,8 @@ def test_prune_then_quantize(capsys, tiny_model_dir, long_text_file, tmp_path):
     record = json.loads((tmp_path / "p" / "layershap.json").read_text())
     assert len(record["removed"]) == 2 and record["quantization"]["scheme"] == "int4"
     assert math.isfinite(next(iter(record["quantization"]["ppl"].values())))
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert "- pruned\n- layershap\n- quantized\n" in card and f"{record['removed']}" in card
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
     assert reloaded.config.num_hidden_layers == 4
     assert type(reloaded.model.layers[0].self_attn.q_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"

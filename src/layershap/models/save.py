@@ -7,11 +7,13 @@ from pathlib import Path
 import torch
 
 from layershap.io import read_json, write_json
+from layershap.models.card import write_model_card
 from layershap.models.layers import check_editable
 
 
 def save_pruned(model, tokenizer, out_dir, record: dict | None = None, *, keep_checkpoint_dtype: bool = True) -> Path:
-    """`save_pretrained` the model and tokenizer into out_dir and write `layershap.json` beside them.
+    """`save_pretrained` the model and tokenizer into out_dir and write `layershap.json` and a model card
+    (`README.md`, `models/card.py`) from `record` beside them.
 
     A model that `load_model` widened to float32 (the CPU default) is written in its checkpoint's own
     precision again (`saved_dtype`): a bfloat16 checkpoint pruned on a laptop must not come back at twice its
@@ -36,6 +38,7 @@ def save_pruned(model, tokenizer, out_dir, record: dict | None = None, *, keep_c
         tokenizer.save_pretrained(out)
     if record is not None:
         write_json(out / "layershap.json", record)
+        write_model_card(out, record)
     return out
 
 

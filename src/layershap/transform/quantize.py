@@ -250,9 +250,10 @@ def checkpoint_bytes(directory) -> int:
 
 def save_quantized(model, tokenizer, out, record: dict | None = None) -> Path:
     """`save_pretrained` the quantized model (safetensors with torchao metadata) and tokenizer into `out`, and
-    write `layershap.json`: `record` plus `quantization` (scheme, torchao config, layers kept in float, bytes
+    write `layershap.json` (and the model card, README.md): `record` plus `quantization` (scheme, torchao config, layers kept in float, bytes
     in memory and on disk). Plain `transformers` with torchao installed reloads the directory."""
     from layershap.io import write_json
+    from layershap.models.card import write_model_card
     from layershap.models.save import save_pruned
 
     quantization = quantization_of(model)
@@ -263,6 +264,7 @@ def save_quantized(model, tokenizer, out, record: dict | None = None) -> Path:
     record["quantization"] = {**record.get("quantization", {}), **quantization,
                               "checkpoint_bytes": checkpoint_bytes(out)}
     write_json(out / "layershap.json", record)
+    write_model_card(out, record)
     return out
 
 
