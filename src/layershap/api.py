@@ -22,10 +22,11 @@ from layershap.plan.methods import select_layers
 from layershap.plan.ratio import layers_to_remove
 
 
-def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(), model_name: str | None = None,
-                data: str = "c4", samples: int = 8, seq_len: int = 128, seed: int = 0,
-                eval_data=("wiki",), eval_samples: int = 16, eval_seq_len: int = 256, batch_size: int = 8,
-                backend=None, config: dict | None = None, quantize: str | None = None, granularity: str = "block",
+def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, protect=(),
+                model_name: str | None = None, data: str = "c4", samples: int = 8, seq_len: int = 128,
+                seed: int = 0, eval_data=("wiki",), eval_samples: int = 16, eval_seq_len: int = 256,
+                batch_size: int = 8, backend=None, config: dict | None = None, quantize: str | None = None,
+                granularity: str = "block", plan_file=None, out_format: str | None = None,
                 **method_options) -> dict:
     """Choose blocks with `method` on calibration text, remove them, save, and return the record written to
     `out/layershap.json` (held-out perplexity before and after included).
@@ -36,6 +37,14 @@ def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(),
     granularity: "block" removes round(ratio * n) blocks; "sublayer" removes attention and MLP sublayers whose
     parameters add up to at least ratio of the blocks' (`layershap.plan.sublayer`), and saves a directory that
     loads with trust_remote_code when single sublayers go.
+
+    plan_file: the `layershap.json` of an earlier run (or its directory): its blocks are removed without
+    choosing again (ratio may then be None; method, forward passes and scores come from the plan).
+
+    out_format: "hf" (a `save_pretrained` directory), "gguf", or None (gguf when `out` ends in .gguf). A GGUF
+    is written from the GGUF the model was loaded from (`model_name`, or the embedded default's file): the
+    kept blocks' tensors are copied in their original quantization (`transform/gguf_export.py`), and the
+    record goes to `<out stem>.layershap.json` beside it.
 
     backend: where masked evaluations run (see `layershap.game.backends`; None: this process). config: the
     options as the CLI resolved them, written with provenance to `out/config.toml`.
@@ -53,12 +62,20 @@ def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(),
         if quantize is not None:
             raise LayershapError("--quantize with --granularity sublayer is not supported yet; quantize the saved "
                                  "directory afterwards")
+        if plan_file is not None or wants_gguf(out, out_format):
+            raise LayershapError("--plan and a GGUF --out take whole blocks; drop --granularity sublayer")
+    gguf_source = None
+    if wants_gguf(out, out_format):
+        gguf_source = gguf_source_for(model_name, quantize)
     if quantize is not None:
         from layershap.transform.quantize import check_quantizable
 
         check_quantizable(model, quantize)
     n = num_layers(model)
-    k = layers_to_remove(ratio, n)
+    chosen = read_plan(plan_file, model, n, ratio) if plan_file is not None else None
+    k = len(chosen["removed"]) if chosen is not None else layers_to_remove(ratio, n)
+    if chosen is not None:
+        ratio, method, protect = chosen.get("ratio", k / n), chosen.get("method", "plan"), chosen.get("protect", [])
     protected = normalise_layer_list(protect, n)
     if n - len(protected) < k:
         raise LayershapError(f"--protect keeps {len(protected)} of {n} blocks, leaving {n - len(protected)} "
@@ -77,9 +94,12 @@ def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(),
         return _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters, model_fp, backend,
                                 ratio=ratio, method=method, out=out, protect=protected, model_name=model_name,
                                 seed=seed, batch_size=batch_size, **method_options)
-    with use_backend(backend):
-        plan = select_layers(method, model, calibration, k, protect=protected, seed=seed, batch_size=batch_size,
-                             **method_options)
+    if chosen is not None:
+        plan = _plan_from_record(chosen, n)
+    else:
+        with use_backend(backend):
+            plan = select_layers(method, model, calibration, k, protect=protected, seed=seed,
+                                 batch_size=batch_size, **method_options)
     seconds = time.perf_counter() - started
     prune_layers(model, plan.remove)
     after = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
@@ -104,6 +124,16 @@ def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(),
         "versions": versions(),
         "model_fingerprint": model_fp,
     }
+    if chosen is not None:
+        record["plan_file"] = str(chosen["plan_file"])
+    if gguf_source is not None:
+        from layershap.transform.gguf_export import write_pruned_gguf
+
+        record["gguf"] = write_pruned_gguf(gguf_source, out, plan.remove, record)
+        write_json(gguf_sidecar(out, "layershap.json"), record)
+        write_run_config(out, "prune", parameters, _provenance(model_fp, calibration, held_out, backend),
+                         path=gguf_sidecar(out, "config.toml"))
+        return record
     if quantize is None:
         save_pruned(model, tokenizer, Path(out), record)
     else:
@@ -116,6 +146,77 @@ def prune_model(model, tokenizer, *, ratio: float, method: str, out, protect=(),
         record = read_json(Path(out) / "layershap.json")
     write_run_config(out, "prune", parameters, _provenance(model_fp, calibration, held_out, backend))
     return record
+
+
+def wants_gguf(out, out_format: str | None) -> bool:
+    """Whether `prune` writes a GGUF file: --format gguf, or no --format and an --out ending in .gguf."""
+    if out_format not in (None, "auto", "hf", "gguf"):
+        raise LayershapError(f"unknown --format {out_format!r}; use hf or gguf")
+    return out_format == "gguf" or (out_format in (None, "auto") and str(out).lower().endswith(".gguf"))
+
+
+def gguf_source_for(model_name: str | None, quantize: str | None = None) -> Path:
+    """The GGUF file a pruned GGUF is copied from (the embedded default's when no model is named), checked
+    before any block is chosen."""
+    from layershap.models.load import default_gguf_file
+    from layershap.transform.gguf_export import check_gguf_exportable
+
+    if quantize is not None:
+        raise LayershapError("--quantize applies to a Hugging Face directory; a GGUF output keeps the input "
+                             "file's own quantization. Drop --quantize, or give an --out directory")
+    source = default_gguf_file() if model_name is None else Path(model_name).expanduser()
+    check_gguf_exportable(source)
+    return source
+
+
+def gguf_sidecar(out, name: str) -> Path:
+    """`pruned.gguf` -> `pruned.layershap.json` / `pruned.config.toml`: a GGUF run's record beside the file."""
+    out = Path(out)
+    stem = out.name[:-len(".gguf")] if out.name.lower().endswith(".gguf") else out.name
+    return out.with_name(f"{stem}.{name}")
+
+
+def read_plan(path, model, n: int, ratio: float | None = None) -> dict:
+    """The record of an earlier prune (`layershap.json`, a run directory holding one, or a GGUF run's
+    `<stem>.layershap.json`), checked against the model it is applied to."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "layershap.json"
+    elif path.suffix.lower() == ".gguf":
+        path = gguf_sidecar(path, "layershap.json")
+    if not path.is_file():
+        raise LayershapError(f"plan {path} does not exist; give the layershap.json of an earlier prune")
+    try:
+        record = read_json(path)
+    except ValueError as exc:
+        raise LayershapError(f"plan {path} is not valid JSON ({exc})") from None
+    if record.get("granularity") == "sublayer":
+        raise LayershapError(f"plan {path} removes sublayers; --plan takes a plan of whole blocks")
+    removed = record.get("removed")
+    if not isinstance(removed, list) or not all(isinstance(i, int) for i in removed):
+        raise LayershapError(f"plan {path} has no list of removed blocks; give the layershap.json of a prune")
+    planned = record.get("n_layers")
+    if planned != n:
+        raise LayershapError(f"plan {path} was made for a model of {planned} blocks; this model has {n}")
+    if record.get("model_type") not in (None, model.config.model_type):
+        raise LayershapError(f"plan {path} was made for a {record['model_type']} model; this one is "
+                             f"{model.config.model_type}")
+    removed = normalise_layer_list(removed, n)
+    if not removed or len(removed) >= n:
+        raise LayershapError(f"plan {path} removes {len(removed)} of {n} blocks; a plan must remove some but "
+                             "not all")
+    if ratio is not None and round(ratio * n) != len(removed):
+        raise LayershapError(f"--ratio {ratio} removes {round(ratio * n)} blocks but plan {path} removes "
+                             f"{len(removed)}; drop --ratio (the plan decides)")
+    return {**record, "removed": removed, "plan_file": path}
+
+
+def _plan_from_record(record: dict, n: int):
+    from layershap.plan.methods.base import Plan
+
+    return Plan(method=str(record.get("method", "plan")), n_layers=n, remove=record["removed"],
+                scores=record.get("scores"), forward_passes=int(record.get("forward_passes") or 0),
+                details={**(record.get("plan") or {}), "from_plan_file": str(record["plan_file"])})
 
 
 def _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters, model_fp, backend, *, ratio,

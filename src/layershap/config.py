@@ -122,18 +122,18 @@ def parameters_from_context(ctx, **resolved) -> dict:
     return values
 
 
-def write_run_config(out, command: str, parameters: Mapping, provenance: Mapping) -> Path:
-    """Write `out/config.toml`: the parameters (None, and options that are not parameters, left out) and a
-    [layershap] table of provenance."""
+def write_run_config(out, command: str, parameters: Mapping, provenance: Mapping, *, path=None) -> Path:
+    """Write `out/config.toml` (or `path`: a GGUF run writes it beside its file): the parameters (None, and
+    options that are not parameters, left out) and a [layershap] table of provenance."""
+    path = Path(path) if path is not None else Path(out) / CONFIG_FILE
     params = {key: value for key, value in parameters.items() if key not in NOT_WRITTEN and value is not None}
     table = {"command": command, "command_line": command_line(), **versions(),
              "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-             "reproduce": f"layershap {command} --config {Path(out) / CONFIG_FILE}", **provenance}
+             "reproduce": f"layershap {command} --config {path}", **provenance}
     table = {key: value for key, value in table.items() if value is not None}
     text = (f"# layershap {command}: the configuration this run used, and where it came from.\n"
-            f"# Run it again with: layershap {command} --config {Path(out) / CONFIG_FILE}\n"
+            f"# Run it again with: layershap {command} --config {path}\n"
             + dumps_toml(params, {PROVENANCE_TABLE: table}))
-    path = Path(out) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".toml.tmp")
     tmp.write_text(text)

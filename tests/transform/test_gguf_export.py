@@ -6,12 +6,14 @@ and the models are loaded by transformers itself (`from_pretrained(..., gguf_fil
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from conftest import run_cli
 from gguf import GGUFReader, GGUFValueType
 from tiny_gguf import write_tiny_gguf
 from tiny_models import COMMON, VOCAB, tiny_model
@@ -162,3 +164,100 @@ def test_per_layer_metadata_arrays_are_sliced(tmp_path):
     for key in source_reader.fields:  # everything else carried over unchanged
         if not key.startswith("GGUF.") and key not in extra and key != "llama.block_count":
             assert value(out, key) == value(source_reader, key), key
+
+
+# -- the command line, on a tiny GGUF with a real tokenizer --------------------------------------------------
+
+@pytest.fixture
+def tiny_gguf(tmp_path, tiny_tokenizer):
+    return write_tiny_gguf(tiny_model("qwen2"), tmp_path / "tiny-qwen2.gguf", tokenizer=tiny_tokenizer)
+
+
+def _small(text):
+    return ["--data", text, "--eval-data", text, "--samples", "2", "--seq-len", "32", "--eval-samples", "2",
+            "--eval-seq-len", "32", "--device", "cpu"]
+
+
+def test_cli_prunes_a_gguf_into_a_gguf_and_again_from_its_plan(tiny_gguf, sample_text_file, tmp_path, capsys):
+    out = tmp_path / "run" / "pruned.gguf"
+    code, stdout, err = run_cli(["prune", "--model", tiny_gguf, "--method", "shortgpt", "--ratio", "0.34",
+                                 "--out", out, *_small(sample_text_file)], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "run" / "pruned.layershap.json").read_text())
+    assert (tmp_path / "run" / "pruned.config.toml").is_file() and f"wrote {out}: 4 blocks" in stdout
+    assert record["method"] == "shortgpt" and len(record["removed"]) == 2 and record["gguf"]["kept"] == record["kept"]
+    assert_blocks_copied(tiny_gguf, out, record["removed"])
+    check_exact(tiny_gguf, out, record["removed"], 6)
+    reader = GGUFReader(str(out))
+    assert value(reader, "layershap.removed_blocks") == record["removed"]
+    assert value(reader, "layershap.method") == "shortgpt"
+    assert value(reader, "layershap.forward_passes") == record["forward_passes"]
+    text = str(sample_text_file)
+    assert value(reader, "layershap.ppl_before.sample_txt") == record["ppl_before"][text]
+    assert value(reader, "layershap.ppl_after.sample_txt") == record["ppl_after"][text]
+    assert value(reader, "layershap.evaluation.sample_txt").startswith(f"{text}: 2 windows x 32 tokens")
+    assert value(reader, "layershap.base_model") == tiny_gguf.name
+    assert "pruned" in value(reader, "general.tags")
+    assert value(reader, "tokenizer.ggml.merges") == value(GGUFReader(str(tiny_gguf)), "tokenizer.ggml.merges")
+
+    again = tmp_path / "again.gguf"  # from the plan: same blocks, no choosing
+    code, stdout, err = run_cli(["prune", "--model", tiny_gguf, "--plan", tmp_path / "run" / "pruned.layershap.json",
+                                 "--out", again, *_small(sample_text_file)], capsys)
+    assert code == 0, err
+    replay = json.loads((tmp_path / "again.layershap.json").read_text())
+    assert replay["removed"] == record["removed"] and replay["method"] == "shortgpt"
+    assert replay["plan_file"].endswith("pruned.layershap.json") and "(plan from" in stdout
+    assert_blocks_copied(out, again, [])  # the same file, tensor for tensor
+
+    hf = tmp_path / "hf"  # a plan also writes a Hugging Face directory, with its model card
+    code, stdout, err = run_cli(["prune", "--model", tiny_gguf, "--plan", out, "--out", hf,
+                                 *_small(sample_text_file)], capsys)
+    assert code == 0, err
+    card = (hf / "README.md").read_text()
+    assert card.startswith("---\n") and "- pruned\n- layershap\n" in card and "library_name: transformers" in card
+    assert f"{record['removed']}" in card and "`shortgpt`" in card
+    assert transformers.AutoModelForCausalLM.from_pretrained(hf).config.num_hidden_layers == 4
+
+
+def _metadata_only_gguf(path, arch, *, blocks=4, extra=None):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_uint32(f"{arch}.block_count", blocks)
+    for key, val in (extra or {}).items():
+        writer.add_uint32(key, val)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("falcon", "cannot prune GGUF architecture 'falcon'"),  # transformers reads it; layershap has no entry
+    ("olmo2", "cannot prune GGUF architecture 'olmo2'"),  # layershap has the family; transformers cannot read it
+    ("split", "one part of a split GGUF"),
+    ("directory", "a GGUF output needs a GGUF model"),
+    ("quantize", "--quantize applies to a Hugging Face directory"),
+    ("plan-mismatch", "was made for a model of 30 blocks; this model has 6"),
+    ("no-ratio", "give --ratio"),
+])
+def test_cli_refuses_in_one_line(case, needle, tmp_path, capsys, tiny_model_dir, tiny_gguf, sample_text_file):
+    model = {"falcon": lambda: _metadata_only_gguf(tmp_path / "f.gguf", "falcon"),
+             "olmo2": lambda: _metadata_only_gguf(tmp_path / "o.gguf", "olmo2"),
+             "split": lambda: _metadata_only_gguf(tmp_path / "s-00001-of-00002.gguf", "llama",
+                                                  extra={"split.count": 2}),
+             "directory": lambda: tiny_model_dir}.get(case, lambda: tiny_gguf)()
+    args = ["prune", "--model", model, "--out", tmp_path / "out.gguf", *_small(sample_text_file)]
+    if case == "quantize":
+        args += ["--quantize", "int8"]
+    if case == "plan-mismatch":
+        (tmp_path / "plan.json").write_text(json.dumps({"n_layers": 30, "removed": [3, 4], "method": "x"}))
+        args += ["--plan", tmp_path / "plan.json"]
+    elif case != "no-ratio":
+        args += ["--ratio", "0.25"]
+    code, _, err = run_cli(args, capsys)
+    if case == "plan-mismatch":  # found after loading, and transformers' GGUF loader draws a progress bar
+        err = err.splitlines()[-1] + "\n"
+    assert code == 2 and err.count("\n") == 1 and err.startswith("layershap: error: ") and needle in err, err
+    assert not (tmp_path / "out.gguf").exists()

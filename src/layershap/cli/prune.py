@@ -40,6 +40,7 @@ from layershap.cli.options import layer_list as _ints
 from layershap.cli.options import load_model_from_options as _load
 from layershap.cli.options import names as _names
 from layershap.config import ConfigOption, parameters_from_context
+from layershap.errors import LayershapError
 from layershap.io import check_writable_dir
 
 
@@ -49,8 +50,16 @@ def register(app: typer.Typer) -> None:
     app.command("methods")(methods)
 
 
-def prune(ctx: typer.Context, ratio: Annotated[float, typer.Option(help="Fraction of blocks to remove, in (0, 1).")],
-          out: Annotated[Path, typer.Option(help="Directory for the pruned model and layershap.json.")],
+def prune(ctx: typer.Context,
+          out: Annotated[Path, typer.Option(help="Directory for the pruned model and layershap.json, or a .gguf "
+                                                 "file (needs a GGUF --model; copies the kept blocks in their "
+                                                 "own quantization).")],
+          ratio: Annotated[float | None, typer.Option(help="Fraction of blocks to remove, in (0, 1); needed "
+                                                           "unless --plan.")] = None,
+          plan: Annotated[Path | None, typer.Option(help="layershap.json of an earlier prune (or its directory): "
+                                                         "remove its blocks without choosing again.")] = None,
+          out_format: Annotated[str, typer.Option("--format", help="auto (gguf when --out ends in .gguf), hf "
+                                                                   "or gguf.")] = "auto",
           method: Annotated[str, typer.Option(help="Pruning method (see `layershap methods`).")] = "shapley",
           protect: Annotated[str | None, typer.Option(help="Blocks never removed, e.g. 0,-1.")] = None,
           budget: Budget = None, preset: Preset = "default", sampler: Sampler = None, surrogate: Surrogate = None,
@@ -69,18 +78,27 @@ def prune(ctx: typer.Context, ratio: Annotated[float, typer.Option(help="Fractio
                                                         "and MLP sublayers; --ratio is then a share of the blocks' "
                                                         "parameters, and the saved model loads with "
                                                         "trust_remote_code).")] = "block"):
-    """Remove round(ratio * n) blocks chosen by a method, save the model, and measure held-out perplexity
-    before and after."""
-    from layershap.api import prune_model
+    """Remove round(ratio * n) blocks chosen by a method (or the blocks an earlier run's --plan lists), save
+    the model (a directory, or a GGUF holding the kept blocks in their own quantization), and measure
+    held-out perplexity before and after."""
+    from layershap.api import gguf_source_for, prune_model, wants_gguf
     from layershap.game.layer_game import check_granularity
     from layershap.models.layers import num_layers
     from layershap.plan.methods import get_method
     from layershap.plan.ratio import check_ratio, layers_to_remove
 
-    check_ratio(ratio)
+    if plan is None and ratio is None:
+        raise LayershapError("give --ratio (the fraction of blocks to remove) or --plan (an earlier run's "
+                             "layershap.json)")
+    if ratio is not None:
+        check_ratio(ratio)
     get_method(method)
     check_granularity(granularity)
-    check_writable_dir(out)
+    if wants_gguf(out, out_format):
+        gguf_source_for(model, quantize)  # refuse before loading and choosing
+        check_writable_dir(out.parent)
+    else:
+        check_writable_dir(out)
     if quantize is not None:
         from layershap.models.load import resolve_device
         from layershap.transform.quantize import check_scheme
@@ -89,7 +107,7 @@ def prune(ctx: typer.Context, ratio: Annotated[float, typer.Option(help="Fractio
     with backend_from_options(backend, ray_address, model=model, dtype=dtype, device=device,
                               trust_remote_code=trust_remote_code) as runner:
         loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
-        k = layers_to_remove(ratio, num_layers(loaded))
+        k = layers_to_remove(ratio, num_layers(loaded)) if plan is None else None
         settings, window = estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
                                               utility=utility, paired=paired, seed=seed, samples=samples,
                                               seq_len=seq_len, target_removed=k)
@@ -98,17 +116,24 @@ def prune(ctx: typer.Context, ratio: Annotated[float, typer.Option(help="Fractio
                              eval_samples=eval_samples, eval_seq_len=eval_seq_len, batch_size=batch_size,
                              settings=settings, store=store, backend=runner,
                              config=parameters_from_context(ctx), quantize=quantize, granularity=granularity,
-                             **window)
+                             plan_file=plan, out_format=out_format, **window)
     if granularity == "sublayer":
         typer.echo(f"removed {len(record['removed'])} of {2 * record['n_layers']} sublayers "
                    f"({record['parameter_fraction_removed']:.1%} of block parameters, "
                    f"{record['kv_cache_fraction_removed']:.1%} of the KV cache): {', '.join(record['removed'])}")
     else:
-        typer.echo(f"removed {len(record['removed'])} of {record['n_layers']} blocks: {record['removed']}")
+        typer.echo(f"removed {len(record['removed'])} of {record['n_layers']} blocks: {record['removed']}"
+                   + (f" (plan from {plan})" if plan is not None else ""))
     for name in record["ppl_before"]:
         typer.echo(f"{name} perplexity: {record['ppl_before'][name]:.3f} -> {record['ppl_after'][name]:.3f}")
     for name, value in record.get("quantization", {}).get("ppl", {}).items():
         typer.echo(f"{name} perplexity after {quantize}: {value:.3f}")
+    for note in record.get("gguf", {}).get("notes", []):
+        typer.echo(f"note: {note}")
+    if "gguf" in record:
+        gguf = record["gguf"]
+        typer.echo(f"wrote {out}: {len(gguf['kept'])} blocks, {gguf['tensors']} tensors copied in their own "
+                   f"types ({gguf['bytes'] / 2**20:.1f} MiB); record in {Path(gguf['file']).stem}.layershap.json")
     typer.echo(f"saved to {out} ({record['forward_passes']} calibration forward passes, "
                f"{record['seconds']:.1f} s to choose)")
 
