@@ -7,9 +7,12 @@ and the models are loaded by transformers itself (`from_pretrained(..., gguf_fil
 from __future__ import annotations
 
 import json
+import math
+import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -20,6 +23,9 @@ from tiny_models import COMMON, VOCAB, tiny_model
 
 from layershap.models.layers import keep_only
 from layershap.transform.gguf_export import exportable_architectures, write_pruned_gguf
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+import gguf_llama_cpp as llama_cpp
 
 IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))  # longer than the windows (8)
 
@@ -261,3 +267,60 @@ def test_cli_refuses_in_one_line(case, needle, tmp_path, capsys, tiny_model_dir,
         err = err.splitlines()[-1] + "\n"
     assert code == 2 and err.count("\n") == 1 and err.startswith("layershap: error: ") and needle in err, err
     assert not (tmp_path / "out.gguf").exists()
+
+
+# -- the embedded default model: SmolLM2-135M-Instruct, Q4_1 -------------------------------------------------
+
+SHORTGPT_REMOVED = [12, 13, 14, 15, 16, 17, 25, 26]  # what `prune --method shortgpt --ratio 0.25` removes
+
+
+@pytest.fixture(scope="module")
+def real_pruned(tmp_path_factory):
+    """The embedded GGUF pruned as shortgpt prunes it, and the pruned file as transformers loads it."""
+    from layershap.models.load import default_gguf_file
+
+    source = default_gguf_file()
+    out = tmp_path_factory.mktemp("gguf") / "pruned.gguf"
+    write_pruned_gguf(source, out, SHORTGPT_REMOVED, {"method": "shortgpt", "forward_passes": 1})
+    return source, out, load_gguf(out)
+
+
+@pytest.mark.real_model
+def test_default_model_pruned_to_22_q4_1_blocks_with_exact_logits(real_pruned, default_model):
+    """`default_model` is transformers' float32 dequantization of the same GGUF (layershap caches it as
+    safetensors on first use), so it is the in-memory model the blocks are chosen on."""
+    source, out, pruned = real_pruned
+    dense, _ = default_model
+    assert_blocks_copied(source, out, SHORTGPT_REMOVED)
+    types = Counter(t.tensor_type.name for t in GGUFReader(str(out)).tensors)
+    assert types == {"Q4_1": 22 * 7, "F32": 22 * 2 + 1, "Q8_0": 1}  # 7 matrices per block, 2 norms; embedding
+    ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with keep_only(dense, [i for i in range(30) if i not in SHORTGPT_REMOVED]):
+            expected = dense(input_ids=ids).logits
+        got = pruned(input_ids=ids).logits
+    assert pruned.config.num_hidden_layers == 22 and torch.equal(got, expected)
+
+
+@pytest.mark.real_model
+def test_llama_cpp_runs_the_pruned_file_and_agrees_with_transformers(real_pruned, default_model, tmp_path):
+    """llama.cpp's perplexity tool on the input and the pruned file, against the same protocol run in float by
+    transformers: they differ only by llama.cpp's quantized arithmetic."""
+    binary = llama_cpp.llama_cpp_bin()
+    if binary is None:
+        pytest.skip("llama.cpp's llama-perplexity is not built: run tools/build_llama_cpp.sh (or set "
+                    "LLAMA_CPP_BIN) to run this check")
+    source, out, pruned = real_pruned
+    dense, tokenizer = default_model
+    text_file = llama_cpp.write_text(tmp_path / "wiki.txt", 12_000)
+    text = text_file.read_text()
+    results = {}
+    for name, path, model in (("in", source, dense), ("out", out, pruned)):
+        theirs = llama_cpp.llama_perplexity(path, text_file, ctx=128, chunks=4, threads=1, binary_dir=binary)
+        ours = llama_cpp.chunked_perplexity(model, tokenizer, text, ctx=128, chunks=4,
+                                            add_bos=llama_cpp.gguf_adds_bos(path))
+        assert theirs["chunks"] == ours["chunks"] == 4
+        assert abs(math.log(theirs["ppl"] / ours["ppl"])) < 0.03, (name, theirs, ours)
+        results[name] = theirs["ppl"], ours["ppl"]
+    assert results["out"][0] > 1.5 * results["in"][0] and results["out"][1] > 1.5 * results["in"][1]
+    assert np.isfinite(results["out"]).all()
