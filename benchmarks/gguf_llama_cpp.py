@@ -37,7 +37,7 @@ def llama_cpp_bin() -> Path | None:
 
 
 def write_text(path: Path, chars: int = TEXT_CHARS) -> Path:
-    from layershap.data import load_text
+    from layershap.data.windows import load_text
 
     path.write_text(load_text(TEXT_SOURCE)[TEXT_START:TEXT_START + chars])
     return path
@@ -104,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     if llama_cpp_bin() is None:
         raise SystemExit("llama-perplexity not found: run tools/build_llama_cpp.sh or set LLAMA_CPP_BIN")
-    from layershap.api import perplexities
+    from layershap.evaluate.perplexity import perplexities
 
     text_file = write_text(Path(os.environ.get("TMPDIR", "/tmp")) / "layershap-gguf-ppl.txt")
     text = text_file.read_text()

@@ -1,1 +1,2 @@
-"""What is done to a pruned model after the choice: quantization (torchao) and healing (LoRA, merged back)."""
+"""What is done to a pruned model after the choice: quantization (torchao), healing (LoRA, merged back), and
+writing a pruned GGUF from the GGUF it came from (`gguf_export`)."""
