@@ -172,6 +172,15 @@ def test_per_layer_metadata_arrays_are_sliced(tmp_path):
             assert value(out, key) == value(source_reader, key), key
 
 
+def test_a_pruned_gemma_27b_is_flagged_for_llama_cpp(tmp_path):
+    """llama.cpp infers Gemma 2 27B from its 46 blocks and scales attention for it; a pruned file cannot say."""
+    source = _metadata_only_gguf(tmp_path / "g.gguf", "gemma2", blocks=46)
+    info = write_pruned_gguf(source, tmp_path / "out.gguf", [3])
+    assert any("Gemma 2 27B" in note and "attention scale" in note for note in info["notes"])
+    assert not any("27B" in note for note in write_pruned_gguf(
+        _metadata_only_gguf(tmp_path / "s.gguf", "gemma2", blocks=26), tmp_path / "s-out.gguf", [3])["notes"])
+
+
 # -- the command line, on a tiny GGUF with a real tokenizer --------------------------------------------------
 
 @pytest.fixture

@@ -30,6 +30,9 @@ _MODEL_TYPE = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemm
 _POSITIONAL_SWA = {"gemma2": (2, False), "gemma3": (6, True)}
 # Arrays under `<arch>.` that do not have one entry per block even when their length happens to match.
 _NOT_PER_LAYER = ("rope.dimension_sections",)
+# Block counts from which llama.cpp infers a model size that changes the arithmetic, not only its label: Gemma 2
+# and 3 at 27B scale attention by 1/sqrt(embedding / heads) instead of 1/sqrt(head size), with no key to say so.
+_SIZE_BY_BLOCK_COUNT = {("gemma2", 46): "Gemma 2 27B", ("gemma3", 62): "Gemma 3 27B"}
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
 TAGS = ("pruned", "layershap")
 
@@ -141,6 +144,10 @@ def write_pruned_gguf(source, out, removed: Sequence[int], record: dict | None =
         notes.append(f"wrote {swa_key} per block (llama.cpp reads it); transformers "
                      "places sliding-window layers by position instead, so it reads this file's pattern "
                      "differently from the model the blocks were chosen on")
+    if (arch, n) in _SIZE_BY_BLOCK_COUNT and len(kept) != n:
+        notes.append(f"llama.cpp recognises {_SIZE_BY_BLOCK_COUNT[arch, n]} by its {n} blocks and then scales "
+                     f"attention differently; with {len(kept)} blocks it will not, so llama.cpp runs this file "
+                     "with another attention scale than the original's")
     for key, value, vtype in provenance_keys(record or {}, source=source, n_blocks=n, removed=sorted(removed_set)):
         if vtype == GGUFValueType.ARRAY:
             writer.add_key_value(key, value, vtype, GGUFValueType.INT32)
