@@ -17,7 +17,9 @@ Dtype = Annotated[str, typer.Option(help="auto (float32 on CPU, checkpoint dtype
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the model repo.")]
 Data = Annotated[str, typer.Option(help="Calibration text: .txt/.jsonl file, packaged text (wiki, c4, code, "
-                                        "tiny, technical, multilingual) or hub dataset (wikitext2, ptb, hf:c4).")]
+                                        "tiny, technical, multilingual) or hub dataset (wikitext2, ptb, hf:c4), or a mixture "
+                                        "of them: c4,wiki,code or weighted c4:2,wiki:1 (windows drawn "
+                                        "across the parts in proportion).")]
 Samples = Annotated[int, typer.Option(help="Number of calibration windows.")]
 SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per window.")]
 Seed = Annotated[int, typer.Option(help="Seed for window choice, mask sampling and surrogate training.")]

@@ -9,6 +9,11 @@ A source is named one of three ways:
 Each text is tokenized once and cut into non-overlapping slots of `seq_len` tokens. The first half of the
 token stream serves calibration and the second half evaluation, so windows of the two splits never overlap
 even when both come from the same text. `samples` slots are drawn from the split with `seed`.
+
+A mixture of sources, `c4,wiki,code` or weighted `c4:2,wiki:1`, draws the windows across the parts in
+proportion to their weights (largest remainders), each part from its own calibration (or evaluation) half;
+the windows of one seed are always the same. `exclude=` draws windows that overlap none of the given ones
+(the cooperative-game method confirms its finalists on such fresh windows).
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -50,6 +57,10 @@ class TextWindows:
     source: str
     split: str
     seed: int
+    # where every row starts: (text, token offset in the whole text); empty for windows not drawn by text_windows
+    starts: tuple = field(default=(), compare=False)
+    # a mixture's parts: (text, weight, windows drawn); empty for a single text
+    parts: tuple = field(default=(), compare=False)
 
     @property
     def samples(self) -> int:
@@ -64,8 +75,12 @@ class TextWindows:
         return tokens_fingerprint(self.tokens)
 
     def describe(self) -> dict:
-        return {"source": self.source, "split": self.split, "samples": self.samples, "seq_len": self.seq_len,
-                "seed": self.seed, "fingerprint": self.fingerprint()}
+        described = {"source": self.source, "split": self.split, "samples": self.samples, "seq_len": self.seq_len,
+                     "seed": self.seed, "fingerprint": self.fingerprint()}
+        if self.parts:
+            described["mixture"] = [{"source": name, "weight": weight, "samples": count}
+                                    for name, weight, count in self.parts]
+        return described
 
 
 def tokens_fingerprint(tokens: torch.Tensor) -> str:
@@ -76,25 +91,115 @@ def tokens_fingerprint(tokens: torch.Tensor) -> str:
 
 
 def text_windows(source: str, tokenizer, *, samples: int = 8, seq_len: int = 128, seed: int = 0,
-                 split: str = "calibration") -> TextWindows:
-    """Draw `samples` non-overlapping windows of `seq_len` tokens from one half of `source`."""
+                 split: str = "calibration", exclude: TextWindows | None = None) -> TextWindows:
+    """Draw `samples` non-overlapping windows of `seq_len` tokens from one half of `source` (a text or a
+    mixture, see the module docstring); with `exclude`, none overlaps a window of `exclude`."""
     if split not in SPLITS:
         raise LayershapError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if samples < 1 or seq_len < 2:
         raise LayershapError(f"need --samples >= 1 and --seq-len >= 2; got {samples} and {seq_len}")
+    mixture = parse_mixture(source)
+    if mixture is None:
+        return _single_text_windows(source, tokenizer, samples, seq_len, seed, split, exclude)
+    counts = mixture_counts([weight for _, weight in mixture], samples)
+    drawn = [(name, weight, count, _single_text_windows(name, tokenizer, count, seq_len, seed, split, exclude))
+             for (name, weight), count in zip(mixture, counts)]
+    tokens = torch.cat([w.tokens for *_, w in drawn])
+    starts = tuple(start for *_, w in drawn for start in w.starts)
+    return TextWindows(tokens, mixture_name(mixture), split, seed, starts=starts,
+                       parts=tuple((name, weight, count) for name, weight, count, _ in drawn))
+
+
+def _single_text_windows(source: str, tokenizer, samples: int, seq_len: int, seed: int, split: str,
+                         exclude: TextWindows | None) -> TextWindows:
     ids = tokenize(load_text(source), tokenizer)
     half = len(ids) // 2
+    offset = 0 if split == "calibration" else half
     region = ids[:half] if split == "calibration" else ids[half:]
     slots = len(region) // seq_len
-    if slots < samples:
+    allowed = np.arange(slots)
+    if exclude is not None:
+        taken = [(start, start + exclude.seq_len) for name, start in exclude.starts if name == source]
+        if exclude.samples and not exclude.starts:
+            raise LayershapError("cannot draw windows apart from windows whose positions are unknown")
+        begin = offset + allowed * seq_len
+        clear = np.ones(slots, dtype=bool)
+        for a, b in taken:
+            clear &= (begin + seq_len <= a) | (begin >= b)
+        allowed = allowed[clear]
+    if len(allowed) < samples:
         raise LayershapError(
-            f"text {source!r} is too short: its {split} half has {len(region)} tokens, room for {slots} "
-            f"windows of {seq_len}, but {samples} were asked for; lower --samples or --seq-len, or give "
-            "a longer text"
+            f"text {source!r} is too short: its {split} half has {len(region)} tokens, room for {len(allowed)} "
+            f"{'more ' if exclude is not None else ''}windows of {seq_len}, but {samples} were asked for; lower "
+            "--samples or --seq-len, or give a longer text"
         )
-    chosen = np.sort(np.random.default_rng(seed).choice(slots, size=samples, replace=False))
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(slots, size=samples, replace=False) if exclude is None
+                     else rng.choice(allowed, size=samples, replace=False))
     rows = np.stack([region[s * seq_len:(s + 1) * seq_len] for s in chosen])
-    return TextWindows(torch.from_numpy(rows).long(), source, split, seed)
+    starts = tuple((source, int(offset + s * seq_len)) for s in chosen)
+    return TextWindows(torch.from_numpy(rows).long(), source, split, seed, starts=starts)
+
+
+_WEIGHT = re.compile(r"^(?P<name>.+):(?P<weight>[0-9.eE+-]*)$")
+
+
+def parse_mixture(source: str) -> list[tuple[str, float]] | None:
+    """[(text, weight), ...] of a mixture (`c4,wiki` or `c4:2,wiki:1`); None for a single text (a file that
+    exists, or a name without a comma or weight). A LayershapError names an empty part, a bad weight or a
+    part given twice."""
+    if Path(source).expanduser().exists() or ("," not in source and not _WEIGHT.match(source)):
+        return None
+    parts = []
+    for raw in source.split(","):
+        raw = raw.strip()
+        if not raw:
+            raise LayershapError(f"--data {source!r} has an empty part; write e.g. c4,wiki or c4:2,wiki:1")
+        found = _WEIGHT.match(raw)
+        name, weight = (found["name"], found["weight"]) if found else (raw, "1")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise LayershapError(f"--data part {raw!r} has weight {weight!r}; a weight is a positive number, "
+                                 "as in c4:2,wiki:1")
+        parts.append((name, value))
+    names = [name for name, _ in parts]
+    if len(set(names)) != len(names):
+        raise LayershapError(f"--data {source!r} names a text twice; give each part once with its weight")
+    return parts
+
+
+def mixture_counts(weights, samples: int) -> list[int]:
+    """Windows per part, in proportion to the weights, rounded by largest remainders (ties to the earlier
+    part); every part gets at least one window or a LayershapError says there are too few."""
+    if samples < len(weights):
+        raise LayershapError(f"--samples {samples} is too few for a mixture of {len(weights)} texts; give at "
+                             f"least {len(weights)}")
+    share = np.asarray(weights, dtype=float) / float(sum(weights)) * samples
+    counts = np.floor(share).astype(int)
+    order = sorted(range(len(weights)), key=lambda i: (-(share[i] - counts[i]), i))
+    for i in order[:samples - int(counts.sum())]:
+        counts[i] += 1
+    if (counts == 0).any():
+        empty = [i for i in range(len(weights)) if counts[i] == 0]
+        raise LayershapError(f"--samples {samples} leaves part {empty[0] + 1} of the mixture without a window; "
+                             "give more --samples or a larger weight")
+    return counts.tolist()
+
+
+def mixture_name(parts) -> str:
+    """The canonical name of a mixture: `c4,wiki` when the weights are equal, else `c4:2,wiki:1`."""
+    if len({weight for _, weight in parts}) == 1:
+        return ",".join(name for name, _ in parts)
+    return ",".join(f"{name}:{weight:g}" for name, weight in parts)
+
+
+def mixture_texts(source: str) -> list[str]:
+    """The texts a `--data` value draws from: its parts, or the one text."""
+    mixture = parse_mixture(source)
+    return [source] if mixture is None else [name for name, _ in mixture]
 
 
 def contiguous_windows(source: str, tokenizer, *, samples: int, seq_len: int, start_char: int = 0) -> TextWindows:

@@ -20,7 +20,7 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from layershap import __version__
-from layershap.data.windows import text_windows
+from layershap.data.windows import mixture_texts, text_windows
 from layershap.errors import LayershapError
 from layershap.evaluate.compare_output import DENSE, write_compare
 from layershap.game.nll import perplexity
@@ -180,7 +180,7 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
         "protect": protected,
         "seed": seed,
         "calibration": calibration.describe(),
-        "evaluation": {name: {**w.describe(), "same_text_as_calibration": name == data}
+        "evaluation": {name: {**w.describe(), "same_text_as_calibration": name in mixture_texts(data)}
                        for name, w in held_out.items()},
         "tasks": tasks,
         "limit": limit,
