@@ -7,6 +7,7 @@ model -> calibration windows -> method (-> masks -> evaluations -> surrogate -> 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from layershap import __version__
@@ -89,6 +90,11 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
                                  method=method, protect=protected, data=data, samples=samples, seq_len=seq_len,
                                  seed=seed, eval_data=list(eval_data), eval_samples=eval_samples,
                                  eval_seq_len=eval_seq_len, batch_size=batch_size, store=method_options.get("store"))
+    settings = method_options.get("settings")
+    if method == "shapley" and settings is not None and settings.confirm > 0:
+        from layershap.plan.confirm import confirmation_windows
+
+        method_options["confirmation_windows"] = confirmation_windows(data, tokenizer, calibration, settings.confirm)
     started = time.perf_counter()
     if granularity == "sublayer":
         return _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters, model_fp, backend,
@@ -115,6 +121,7 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
         "ppl_before": before,
         "ppl_after": after,
         "forward_passes": plan.forward_passes,
+        "cost": asdict(plan.cost) if plan.cost is not None else None,
         "seconds": seconds,
         "scores": plan.scores,
         "plan": plan.details,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from layershap.data.windows import mixture_counts, parse_mixture, text_windows, tokenize, load_text
+from layershap.data.windows import load_text, mixture_counts, parse_mixture, text_windows, tokenize
 from layershap.errors import LayershapError
 
 

@@ -16,6 +16,7 @@ import typer
 from layershap.cli.options import (
     BatchSize,
     Budget,
+    Confirm,
     Data,
     Device,
     Dtype,
@@ -96,7 +97,8 @@ def compare(ctx: typer.Context, ratios: Annotated[str, typer.Option(help="Comma-
             limit: Limit = None, hub: Hub = False,
             protect: Annotated[str | None, typer.Option(help="Blocks never removed, e.g. 0,-1.")] = None,
             budget: Budget = None, preset: Preset = "default", sampler: Sampler = None,
-            surrogate: Surrogate = None, utility: Utility = None, paired: Paired = None, store: Store = None,
+            surrogate: Surrogate = None, utility: Utility = None, paired: Paired = None, confirm: Confirm = None,
+            store: Store = None,
             model: Model = None, data: Data = "c4",
             samples: Annotated[int | None, typer.Option(help="Calibration windows (default 8).")] = None,
             seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per window (default 128).")]
@@ -135,7 +137,7 @@ def compare(ctx: typer.Context, ratios: Annotated[str, typer.Option(help="Comma-
             check_scheme(scheme, resolve_device(device))
     settings, window = estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
                                           utility=utility, paired=paired, seed=seed, samples=samples,
-                                          seq_len=seq_len, target_removed=None)
+                                          seq_len=seq_len, target_removed=None, confirm=confirm)
     check_writable_dir(out)
     loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
     write_config = config_writer(ctx, out, "compare", loaded)

@@ -35,6 +35,9 @@ Preset = Annotated[str, typer.Option(help="default, or paper (the official pipel
                                           "windows, MLP surrogate, ppl_ratio).")]
 Sampler = Annotated[str | None, typer.Option(help="Mask strata: target (around the pruning ratio), "
                                                      "shapley (every size), paper.")]
+Confirm = Annotated[int | None, typer.Option(help="Rounds of successive halving that re-measure the shapley "
+                                                  "method's finalists on fresh calibration windows and keep the "
+                                                  "winner there (0: keep the best screened plan; default 0).")]
 Surrogate = Annotated[str | None, typer.Option(help="Surrogate: pairwise, ensemble, linear, paper.")]
 Utility = Annotated[str | None, typer.Option(help="Utility of a mask: neg_nll, log_ratio, ppl_ratio.")]
 Paired = Annotated[bool | None, typer.Option("--paired/--no-paired", help="Also evaluate the complement of "
@@ -86,7 +89,7 @@ def backend_from_options(backend: str, ray_address: str | None, *, model: str | 
 
 
 def estimate_settings(preset: str, *, budget, sampler, surrogate, utility, paired, seed, target_removed,
-                       samples, seq_len):
+                       samples, seq_len, confirm=None):
     """Preset values, overridden by whatever the user gave explicitly."""
     from layershap.estimate.pipeline import EstimateSettings, preset_settings, with_overrides
 
@@ -95,7 +98,8 @@ def estimate_settings(preset: str, *, budget, sampler, surrogate, utility, paire
               "seq_len": seq_len if seq_len is not None else base.pop("seq_len", 128)}
     base.pop("samples", None), base.pop("seq_len", None)
     settings = with_overrides(EstimateSettings(**base, seed=seed, target_removed=target_removed), budget=budget,
-                              sampler=sampler, surrogate=surrogate, utility=utility, paired=paired)
+                              sampler=sampler, surrogate=surrogate, utility=utility, paired=paired,
+                              confirm=confirm)
     return settings, window
 
 

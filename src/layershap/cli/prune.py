@@ -16,6 +16,7 @@ from layershap.cli.options import (
     BackendOption,
     BatchSize,
     Budget,
+    Confirm,
     Data,
     Device,
     DryRun,
@@ -63,7 +64,7 @@ def prune(ctx: typer.Context,
           method: Annotated[str, typer.Option(help="Pruning method (see `layershap methods`).")] = "shapley",
           protect: Annotated[str | None, typer.Option(help="Blocks never removed, e.g. 0,-1.")] = None,
           budget: Budget = None, preset: Preset = "default", sampler: Sampler = None, surrogate: Surrogate = None,
-          utility: Utility = None, paired: Paired = None, store: Store = None,
+          utility: Utility = None, paired: Paired = None, confirm: Confirm = None, store: Store = None,
           model: Model = None, data: Data = "c4",
           samples: Annotated[int | None, typer.Option(help="Calibration windows (default 8).")] = None,
           seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per window (default 128).")]
@@ -110,7 +111,7 @@ def prune(ctx: typer.Context,
         k = layers_to_remove(ratio, num_layers(loaded)) if plan is None else None
         settings, window = estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
                                               utility=utility, paired=paired, seed=seed, samples=samples,
-                                              seq_len=seq_len, target_removed=k)
+                                              seq_len=seq_len, target_removed=k, confirm=confirm)
         record = prune_model(loaded, tokenizer, ratio=ratio, method=method, out=out, protect=_ints(protect),
                              model_name=model, data=data, seed=seed, eval_data=_names(eval_data),
                              eval_samples=eval_samples, eval_seq_len=eval_seq_len, batch_size=batch_size,

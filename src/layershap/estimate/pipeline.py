@@ -46,6 +46,7 @@ class EstimateSettings:
     shapley_samples: int = 4096
     holdout: float = 0.2
     plan: str = "search"
+    confirm: int = 0  # rounds of successive halving on fresh windows for the search's finalists (0: none)
 
     def check(self, n_layers: int) -> None:
         if self.budget < MIN_BUDGET:
@@ -55,6 +56,8 @@ class EstimateSettings:
         make_surrogate(self.surrogate, n_layers, self.seed)
         if self.plan not in PLANS:
             raise LayershapError(f"unknown plan {self.plan!r}; use one of {', '.join(PLANS)}")
+        if isinstance(self.confirm, bool) or not isinstance(self.confirm, int) or not 0 <= self.confirm <= 6:
+            raise LayershapError(f"--confirm {self.confirm!r}: give a number of halving rounds from 0 to 6")
 
 
 # The official pipeline (8000 masks, 10 windows of 128 tokens, the MLP surrogate, 20,000 samples per layer).

@@ -120,7 +120,9 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
 
     Returns {"rows": [...], ...}: the dense row first (method "dense", ratio 0), then one row per method and
     ratio with `method`, `ratio`, `k`, `removed`, `kept`, `ppl` ({eval text: perplexity}), `forward_passes`
-    and `seconds` (spent choosing the blocks), `scores`, `details`, and with tasks `zero_shot` and
+    and `cost` (what choosing the blocks used and what this run paid, in passes and token-passes, see
+    `plan.methods.base.Cost`: the used figures are the same on a cold and a warm store) and `seconds`
+    (spent choosing the blocks), `scores`, `details`, and with tasks `zero_shot` and
     `zero_shot_average`.
 
     granularity: "block", or "sublayer": each ratio is then a share of the decoder blocks' parameters; a
@@ -166,6 +168,11 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
             check_quantizable(model, scheme)
 
     calibration = text_windows(data, tokenizer, samples=samples, seq_len=seq_len, seed=seed, split="calibration")
+    fresh = None
+    if "shapley" in methods and settings is not None and settings.confirm > 0:
+        from layershap.plan.confirm import confirmation_windows
+
+        fresh = confirmation_windows(data, tokenizer, calibration, settings.confirm)
     held_out = {name: text_windows(name, tokenizer, samples=eval_samples, seq_len=eval_seq_len, seed=seed,
                                    split="evaluation") for name in eval_data}
 
@@ -229,7 +236,7 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
 
     full = np.ones(n, dtype=bool)
     dense = {"method": DENSE, "ratio": 0.0, "k": 0, "removed": [], "kept": list(range(n)), **measure(full),
-             "forward_passes": 0, "seconds": 0.0, "scores": None, "details": {}}
+             "forward_passes": 0, "cost": None, "seconds": 0.0, "scores": None, "details": {}}
     add(dense)
     add_quantized(dense)
     for method in methods:
@@ -243,13 +250,16 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
             options = {"protect": protected, "seed": seed, "batch_size": batch_size, "store": store}
             if settings is not None:
                 options["settings"] = replace(settings, target_removed=k)
+            if method == "shapley" and fresh is not None:
+                options["confirmation_windows"] = fresh
             chosen = time.perf_counter()
             plan = select_layers(method, model, calibration, k, **options)
             seconds = time.perf_counter() - chosen
             mask = full.copy()
             mask[plan.remove] = False
             row = {"method": method, "ratio": ratio, "k": k, "removed": list(plan.remove), "kept": plan.kept,
-                   **measure(mask), "forward_passes": plan.forward_passes, "seconds": seconds,
+                   **measure(mask), "forward_passes": plan.forward_passes,
+                   "cost": asdict(plan.cost) if plan.cost is not None else None, "seconds": seconds,
                    "scores": plan.scores, "details": plan.details}
             add(row)
             add_quantized(row)

@@ -1,5 +1,9 @@
 """A comparison's record as files: compare.json (the record), compare.csv, compare.md and compare.png
-(perplexity against ratio, one line per method, one panel per evaluation text)."""
+(perplexity against ratio, one line per method, one panel per evaluation text).
+
+The cost columns: `forward_passes` and `token_passes` are what each method used (measured now or served
+from the evaluation store, so a rerun on a warm store shows the same), `paid_*` what this run measured
+(see `layershap.plan.methods.base.Cost`)."""
 
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ def compare_csv(record: dict) -> str:
     header = ["method", "ratio", "k", "removed", *[f"ppl_{name}" for name in texts]]
     if _has_zero_shot(record):
         header.append("zero_shot_average")
-    header += ["forward_passes", "seconds"]
+    header += ["forward_passes", "token_passes", "paid_passes", "paid_token_passes", "seconds"]
     sub = _sublayer(record)
     if sub:
         header += ["granularity", "parameter_fraction_removed", "kv_cache_fraction_removed"]
@@ -59,7 +63,9 @@ def compare_csv(record: dict) -> str:
                 *[f"{row['ppl'][name]:.6g}" for name in texts]]
         if _has_zero_shot(record):
             line.append(f"{row['zero_shot_average']:.6g}" if "zero_shot_average" in row else "")
-        line += [row["forward_passes"], f"{row['seconds']:.3f}"]
+        cost = row.get("cost") or {}
+        line += [row["forward_passes"], cost.get("token_passes", ""), cost.get("paid_passes", ""),
+                 cost.get("paid_token_passes", ""), f"{row['seconds']:.3f}"]
         if sub:
             line += [row.get("granularity", "block"), f"{row.get('parameter_fraction_removed', 0.0):.6g}",
                      f"{row.get('kv_cache_fraction_removed', 0.0):.6g}"]
@@ -73,7 +79,7 @@ def markdown_table(record: dict) -> str:
     header = ["method", "ratio", "removed", *[f"ppl {name}" for name in texts]]
     if zero:
         header.append("zero-shot avg")
-    header += ["forward passes", "seconds"]
+    header += ["forward passes", "token-passes (M)", "paid passes", "seconds"]
     sub = _sublayer(record)
     if sub:
         header += ["params removed", "KV cache removed"]
@@ -83,7 +89,9 @@ def markdown_table(record: dict) -> str:
                  *[_number(row["ppl"][name]) for name in texts]]
         if zero:
             cells.append(f"{row['zero_shot_average']:.4f}" if "zero_shot_average" in row else "")
-        cells += [str(row["forward_passes"]), f"{row['seconds']:.1f}"]
+        cost = row.get("cost") or {}
+        cells += [str(row["forward_passes"]), _millions(cost.get("token_passes")),
+                  str(cost.get("paid_passes", "")), f"{row['seconds']:.1f}"]
         if sub:
             cells += [f"{row.get('parameter_fraction_removed', 0.0):.1%}", f"{row.get('kv_cache_fraction_removed', 0.0):.0%}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -92,6 +100,10 @@ def markdown_table(record: dict) -> str:
 
 def _sublayer(record: dict) -> bool:
     return record.get("granularity") == "sublayer"
+
+
+def _millions(value) -> str:
+    return "" if value is None else f"{value / 1e6:.2f}"
 
 
 def _number(value: float) -> str:

@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from layershap.errors import LayershapError
+from layershap.plan.methods._common import tokens_of
 from layershap.plan.methods.angular import angular
-from layershap.plan.methods.base import Plan
+from layershap.plan.methods.base import Cost, Plan
 from layershap.plan.methods.cooperative_game import shapley
 from layershap.plan.methods.last import last
 from layershap.plan.methods.loo import loo
@@ -46,5 +47,10 @@ def get_method(name: str) -> Callable[..., Plan]:
 
 
 def select_layers(method: str, model, windows, k: int, **options) -> Plan:
-    """Run a registered method: which k blocks to remove."""
-    return get_method(method)(model, windows, k, **options)
+    """Run a registered method: which k blocks to remove. A plan without a `cost` gets one from its forward
+    passes, each counted as a pass of the full model (marked `estimated`)."""
+    plan = get_method(method)(model, windows, k, **options)
+    if plan.cost is None:
+        plan.cost = Cost.full_passes(plan.forward_passes, int(tokens_of(windows).numel()), plan.n_layers,
+                                     estimated=plan.forward_passes > 0)
+    return plan

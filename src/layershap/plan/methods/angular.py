@@ -28,7 +28,7 @@ from layershap.errors import LayershapError
 from layershap.models.layers import num_layers
 from layershap.models.trace import traced_pass
 from layershap.plan.methods._common import removable, tokens_of
-from layershap.plan.methods.base import Plan
+from layershap.plan.methods.base import Cost, Plan
 
 
 class LastTokenStates:
@@ -82,7 +82,7 @@ def angular(model, windows, k: int, *, protect=(), batch_size: int = 8, **_) -> 
     n = num_layers(model)
     removable(n, k, protect)
     if k == 0:
-        return Plan("angular", n, [], None, forward_passes=0, seconds=time.perf_counter() - start_time)
+        return Plan("angular", n, [], None, forward_passes=0, seconds=time.perf_counter() - start_time, cost=Cost())
     starts = run_starts(n, k, protect)
     if not starts:
         raise LayershapError(f"angular distance removes {k} consecutive layers, but every run of {k} layers "
@@ -96,4 +96,5 @@ def angular(model, windows, k: int, *, protect=(), batch_size: int = 8, **_) -> 
             scores[i] = min(scores[i], distances[s])
     return Plan("angular", n, list(range(best, best + k)), scores.tolist(), forward_passes=1,
                 seconds=time.perf_counter() - start_time,
+                cost=Cost.full_passes(1, int(tokens_of(windows).numel()), n),
                 details={"run_distances": distances, "start": best, "token": "last"})

@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from layershap.errors import LayershapError
+from layershap.plan.cost import Cost
+
+__all__ = ["Cost", "Plan", "lowest_scoring"]
 
 
 @dataclass
@@ -15,8 +18,10 @@ class Plan:
     """The blocks a method chose to remove.
 
     scores: one importance per block where the method has them (higher means more worth keeping).
-    forward_passes: real-model forward passes over the calibration windows the method spent (a backward
-        pass counts as one more).
+    forward_passes: real-model forward passes over the calibration windows the method used (a backward
+        pass counts as one more), served from the evaluation store or not; `cost` splits them into used and
+        paid and counts token-passes too (see `Cost`). `select_layers` fills `cost` for a method that leaves
+        it out, from its forward passes.
     """
 
     method: str
@@ -26,6 +31,7 @@ class Plan:
     forward_passes: int = 0
     seconds: float = 0.0
     details: dict = field(default_factory=dict)
+    cost: Cost | None = None
 
     @property
     def kept(self) -> list[int]:

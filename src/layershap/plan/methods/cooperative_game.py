@@ -8,6 +8,14 @@ from the estimate's single removals), then the k-removal plans the surrogate rat
 with the lowest-value plan) and the swaps around the best plan measured so far; the best measured plan wins
 (`layershap.plan.refine`), and the reported values use every mask measured. The record holds the surrogate's
 predicted and the measured calibration perplexity of the chosen plan.
+
+With `settings.confirm` rounds (and fresh windows given as `confirmation_windows`), the best measured plans
+and the seed plans are finalists, and the plan kept is the one that wins successive halving on windows the
+search never saw (`layershap.plan.confirm`); its cost is reserved from the budget before the search.
+
+Cost (`Plan.cost`): every distinct mask the method relied on, at its kept blocks plus the head, used whether
+measured now or served from the store, paid only when measured by this run; the traced pass of the seeds
+counts as one full pass.
 """
 
 from __future__ import annotations
@@ -19,21 +27,27 @@ from dataclasses import replace
 import numpy as np
 
 from layershap.estimate.pipeline import MIN_BUDGET, EstimateSettings, estimate, estimate_from_measurements
+from layershap.game.context import measurement_context
 from layershap.game.layer_game import LayerGame
 from layershap.game.measure import evaluate_masks
 from layershap.game.store import open_store
-from layershap.plan.methods.base import Plan, lowest_scoring
+from layershap.plan.confirm import MEASURED_FINALISTS, confirmation_cost, finalists, successive_halving
+from layershap.plan.methods._common import tokens_of
+from layershap.plan.methods.base import Cost, Plan, lowest_scoring
 from layershap.plan.refine import refine
 from layershap.plan.seeds import leave_one_out_seed, one_pass_seeds
 
 
 def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: int = 8, store=None,
-            settings: EstimateSettings | None = None, **_) -> Plan:
+            settings: EstimateSettings | None = None, confirmation_windows=None, **_) -> Plan:
     started = time.perf_counter()
     settings = settings or EstimateSettings(seed=seed, target_removed=k)
     game = LayerGame(model, windows, utility=settings.utility, batch_size=batch_size)
+    n, tokens = game.n_players, int(tokens_of(windows).numel())
+    cost, confirmation = Cost(), None
     with open_store(model, store) as db:
-        settings.check(game.n_players)
+        settings.check(n)
+        stored = set(db.all_nlls(measurement_context(game)))
         traced, seeds = 0, []
         if settings.plan == "search":
             first = estimate(game, db, replace(settings, budget=max(MIN_BUDGET, settings.budget // 2)))
@@ -41,19 +55,38 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
             traced = 1 if seeds else 0
             loo_plan = leave_one_out_seed(first.masks, first.nlls, k, protect=protect)
             seeds += [loo_plan] if loo_plan is not None and loo_plan not in seeds else []
-            refined = refine(game, db, first.masks, first.nlls, k=k, budget=settings.budget - traced,
+            confirming = settings.confirm > 0 and confirmation_windows is not None and k > 0
+            reserve = (math.ceil(confirmation_cost(MEASURED_FINALISTS + len(seeds), settings.confirm, n, k))
+                       if confirming else 0)
+            refined = refine(game, db, first.masks, first.nlls, k=k, budget=settings.budget - traced - reserve,
                              surrogate=settings.surrogate, seed=settings.seed, protect=protect,
                              start=[lowest_scoring(first.shapley, k, protect)], seeds=seeds)
             result = estimate_from_measurements(game.utility, refined.masks, refined.nlls, settings)
             result.evaluations, result.reused = first.evaluations + refined.evaluations, first.reused
             best = refined.best
+            if confirming and best is not None:
+                candidates = finalists(refined.masks, refined.nlls, k, protect, result.base_nll, seeds)
+                confirmation = successive_halving(model, confirmation_windows, candidates, db,
+                                                  samples=windows.samples, utility=settings.utility,
+                                                  batch_size=batch_size)
+                screened, best = best, confirmation.winner
             remove = (list(np.flatnonzero(~best)) if best is not None else lowest_scoring(result.shapley, k, protect))
+            used = refined.masks
         else:
             result = estimate(game, db, settings)
             remove = lowest_scoring(result.shapley, k, protect)
-        mask = np.ones(game.n_players, dtype=bool)
+            used = result.masks
+        mask = np.ones(n, dtype=bool)
         mask[remove] = False
-        (measured_nll,), evaluated, _ = evaluate_masks(game, db, mask[None], description="checking the plan")
+        (measured_nll,), _, _ = evaluate_masks(game, db, mask[None], description="checking the plan")
+    cost.add_masks(list({m.tobytes(): m for m in [*used, mask]}.values()), tokens, stored=stored)
+    if traced:
+        cost.add(tokens, n + 1)
+    if confirmation is not None:
+        cost.passes += confirmation.cost.passes
+        cost.token_passes += confirmation.cost.token_passes
+        cost.paid_passes += confirmation.cost.paid_passes
+        cost.paid_token_passes += confirmation.cost.paid_token_passes
     predicted_nll = game.utility.nll_of(result.surrogate.predict(mask[None])[0], result.base_nll)
     details = {
         "estimate": result.to_dict(),
@@ -63,9 +96,15 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
         "measured_calibration_ppl": _ppl(measured_nll),
         "dense_calibration_ppl": _ppl(result.base_nll),
     }
-    return Plan("shapley", game.n_players, [int(i) for i in remove], result.shapley.tolist(),
-                forward_passes=result.evaluations + evaluated + traced, seconds=time.perf_counter() - started,
-                details=details)
+    if confirmation is not None:
+        details["confirmation"] = {**confirmation.to_dict(), "reserved_full_passes": reserve,
+                                   "screening_choice": [int(i) for i in np.flatnonzero(~screened)],
+                                   "windows": confirmation_windows.describe()}
+    elif settings.plan == "search" and settings.confirm > 0:
+        details["confirmation"] = {"skipped": "no fresh calibration windows (the calibration half has no room "
+                                              "for them) or nothing to choose from"}
+    return Plan("shapley", n, [int(i) for i in remove], result.shapley.tolist(), forward_passes=cost.passes,
+                seconds=time.perf_counter() - started, details=details, cost=cost)
 
 
 def _ppl(nll: float) -> float:

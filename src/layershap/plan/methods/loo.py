@@ -24,8 +24,8 @@ import numpy as np
 
 from layershap.game.layer_game import LayerGame, bounded_nll
 from layershap.models.layers import num_layers
-from layershap.plan.methods._common import removable
-from layershap.plan.methods.base import Plan, lowest_scoring
+from layershap.plan.methods._common import removable, tokens_of
+from layershap.plan.methods.base import Cost, Plan, lowest_scoring
 
 
 def leave_one_out_nll(game: LayerGame) -> list[float]:
@@ -52,5 +52,8 @@ def loo(model, windows, k: int, *, protect=(), batch_size: int = 8, **_) -> Plan
     base = game.base_nll
     nlls = [bounded_nll(v, base) for v in leave_one_out_nll(game)]
     scores = loo_scores(base, nlls)
+    tokens = int(tokens_of(windows).numel())
+    cost = Cost.full_passes(1, tokens, n)
+    cost.add(tokens, n, passes=n)  # every block left out once: n - 1 blocks and the head
     return Plan("loo", n, lowest_scoring(scores, k, protect), scores, forward_passes=game.forward_passes,
-                seconds=time.perf_counter() - start, details={"base_nll": base, "nll_without": nlls})
+                seconds=time.perf_counter() - start, details={"base_nll": base, "nll_without": nlls}, cost=cost)

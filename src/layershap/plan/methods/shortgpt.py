@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from layershap.models.layers import num_layers
 from layershap.models.trace import traced_pass
-from layershap.plan.methods.base import Plan, lowest_scoring
+from layershap.plan.methods.base import Cost, Plan, lowest_scoring
 
 
 class BlockInfluence:
@@ -41,4 +41,5 @@ def shortgpt(model, windows, k: int, *, protect=(), batch_size: int = 8, **_) ->
     start = time.perf_counter()
     scores = block_influence(model, windows.tokens, batch_size=batch_size)
     return Plan("shortgpt", len(scores), lowest_scoring(scores, k, protect), scores, forward_passes=1,
-                seconds=time.perf_counter() - start)
+                seconds=time.perf_counter() - start,
+                cost=Cost.full_passes(1, int(windows.tokens.numel()), len(scores)))

@@ -24,8 +24,8 @@ import numpy as np
 
 from layershap.game.layer_game import LayerGame
 from layershap.models.layers import num_layers
-from layershap.plan.methods._common import removable
-from layershap.plan.methods.base import Plan
+from layershap.plan.methods._common import removable, tokens_of
+from layershap.plan.methods.base import Cost, Plan
 
 
 def sleb_passes(m: int, k: int) -> int:
@@ -40,12 +40,14 @@ def sleb(model, windows, k: int, *, protect=(), batch_size: int = 8, **_) -> Pla
     game = LayerGame(model, windows, batch_size=batch_size)
     keep = np.ones(n, dtype=bool)
     steps, first = [], None
+    cost, tokens = Cost(), int(tokens_of(windows).numel())
     for _step in range(k):
         trial = {}
         for i in candidates:
             mask = keep.copy()
             mask[i] = False
             nll = game.nll(mask)
+            cost.add(tokens, int(mask.sum()) + 1)
             trial[i] = nll if math.isfinite(nll) else math.inf
         if first is None:
             first = [trial.get(i) for i in range(n)]
@@ -56,7 +58,7 @@ def sleb(model, windows, k: int, *, protect=(), batch_size: int = 8, **_) -> Pla
     details = {"steps": steps,
                "first_step_nll": [_finite_or_none(v) for v in first] if first is not None else None}
     return Plan("sleb", n, sorted(s["removed"] for s in steps), None, forward_passes=game.forward_passes,
-                seconds=time.perf_counter() - start, details=details)
+                seconds=time.perf_counter() - start, details=details, cost=cost)
 
 
 def _finite_or_none(value):

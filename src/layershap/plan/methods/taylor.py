@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from layershap.errors import LayershapError
 from layershap.models.layers import block_list, num_layers
 from layershap.plan.methods._common import model_device, removable, tokens_of
-from layershap.plan.methods.base import Plan, lowest_scoring
+from layershap.plan.methods.base import Cost, Plan, lowest_scoring
 
 _NEEDS_FLOAT32 = "taylor needs gradients {why}; load the model with --dtype float32"
 
@@ -84,4 +84,5 @@ def taylor(model, windows, k: int, *, protect=(), batch_size: int = 8, **_) -> P
     removable(n, k, protect)
     scores = taylor_importance(model, tokens_of(windows), batch_size=batch_size)
     return Plan("taylor", n, lowest_scoring(scores, k, protect), scores, forward_passes=2,
-                seconds=time.perf_counter() - start)
+                seconds=time.perf_counter() - start,
+                cost=Cost.full_passes(2, int(tokens_of(windows).numel()), n))  # a forward and a backward pass

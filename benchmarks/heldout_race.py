@@ -1,0 +1,232 @@
+"""The held-out race: every method on the same calibration windows, judged on genres it was not calibrated on.
+
+For every calibration mixture, draw (the seed of the calibration windows) and k, every method chooses k
+blocks of the embedded default model (SmolLM2-135M) on the same windows (`text_windows(mixture, seed=draw)`,
+the calibration halves). Each plan is then measured on the evaluation half of every packaged genre that is not
+part of that mixture (wiki, c4, code, technical, multilingual, tiny), with the same held-out windows for every
+draw, and summarised as the geometric mean of the perplexities over those genres. Per draw, layershap's
+variants are compared with the best rival of that draw (the lowest geometric mean among the other methods);
+the summary gives the mean and the worst of that ratio over the draws.
+
+Methods: `shapley` (the default settings), `shapley+confirm` (the default with `--confirm` rounds of
+successive halving on fresh calibration windows; it also reports `shapley+confirm:screened`, the plan its
+screening alone would have kept, i.e. the same run without the confirmation step), `shortgpt`, `angular`,
+`loo`, `sleb`, `paper` (the paper preset's recipe at `--paper-budget` masks on the same windows).
+
+Cost: every row has the method's `cost` (passes and token-passes used, and paid by this run). The layershap
+variants of one draw share an evaluation store under `--cache`, so their paid cost and seconds can be lower
+than on a cold store; the used cost is what they would spend on a cold one. `loo` is read off the same
+store (the target sampler measures the full model and every single removal first, which is all
+leave-one-out needs); its cost is its own, n + 1 full passes. Held-out perplexities are cached by plan.
+
+    python benchmarks/heldout_race.py --draws 3 --mixtures 'c4' --ks 7 --budget 128 --json race.json
+    python benchmarks/heldout_race.py --draws 5 --mixtures 'c4;c4,wiki,code' --ks 7,10 \\
+        --methods shapley,shapley+confirm,shortgpt,angular,loo,sleb,paper --json race.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from _setup import write_result
+
+import layershap
+from layershap.data.windows import PACKAGED_TEXTS, mixture_texts, text_windows
+from layershap.estimate.pipeline import EstimateSettings, preset_settings
+from layershap.game.layer_game import LayerGame
+from layershap.game.measure import evaluate_masks
+from layershap.game.nll import perplexity
+from layershap.game.store import open_store
+from layershap.models.layers import keep_only, num_layers
+from layershap.plan.confirm import confirmation_windows
+from layershap.plan.cost import Cost
+from layershap.plan.methods import select_layers
+from layershap.plan.methods.base import lowest_scoring
+from layershap.plan.methods.loo import loo_scores
+from layershap.plan.search import removal_mask
+
+GENRES = list(PACKAGED_TEXTS)  # wiki, c4, code, tiny, technical, multilingual
+LAYERSHAP = ("shapley", "shapley+confirm", "shapley+confirm:screened")
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def geometric_mean(values) -> float:
+    values = [v for v in values]
+    if any(not math.isfinite(v) for v in values):
+        return math.inf
+    return float(math.exp(sum(math.log(v) for v in values) / len(values)))
+
+
+class HeldOut:
+    """Held-out perplexity of a plan on every genre, cached on disk by (genre windows, removed blocks)."""
+
+    def __init__(self, model, tokenizer, samples: int, seq_len: int, path: Path):
+        self.model, self.path = model, path
+        self.windows = {g: text_windows(g, tokenizer, samples=samples, seq_len=seq_len, seed=0, split="evaluation")
+                        for g in GENRES}
+        self.cache = json.loads(path.read_text()) if path.is_file() else {}
+
+    def ppl(self, removed, genres) -> dict[str, float]:
+        mask = removal_mask(num_layers(self.model), removed)
+        out = {}
+        for genre in genres:
+            key = f"{self.windows[genre].fingerprint()}:{','.join(map(str, sorted(removed)))}"
+            if key not in self.cache:
+                with keep_only(self.model, mask):
+                    self.cache[key] = perplexity(self.model, self.windows[genre].tokens)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.write_text(json.dumps(self.cache))
+            out[genre] = self.cache[key]
+        return out
+
+
+def loo_from_store(model, calibration, k: int, store) -> tuple[list[int], Cost]:
+    """The leave-one-out plan from the store (measuring what is missing), with loo's own cost."""
+    n = num_layers(model)
+    game = LayerGame(model, calibration)
+    masks = np.array([removal_mask(n, []), *(removal_mask(n, [i]) for i in range(n))])
+    with open_store(model, store) as db:
+        nlls, _, _ = evaluate_masks(game, db, masks, description="leave-one-out")
+    tokens = int(calibration.tokens.numel())
+    cost = Cost.full_passes(1, tokens, n)
+    cost.add(tokens, n, passes=n)
+    return lowest_scoring(loo_scores(float(nlls[0]), list(nlls[1:])), k), cost
+
+
+def run_method(method, model, tokenizer, mixture, calibration, k, args, store) -> list[dict]:
+    """One method's rows (two for shapley+confirm) at one draw and k."""
+    started = time.perf_counter()
+    if method == "loo":
+        remove, cost = loo_from_store(model, calibration, k, store)
+        return [{"method": "loo", "removed": remove, "cost": vars(cost), "seconds": time.perf_counter() - started}]
+    options = {}
+    name = method
+    if method.startswith("shapley"):
+        confirm = args.confirm if method == "shapley+confirm" else 0
+        options["settings"] = EstimateSettings(budget=args.budget, target_removed=k, seed=calibration.seed,
+                                               confirm=confirm)
+        options["store"] = store
+        name = "shapley"
+        if confirm:
+            options["confirmation_windows"] = confirmation_windows(mixture, tokenizer, calibration, confirm)
+    elif method == "paper":
+        paper = {key: v for key, v in preset_settings("paper").items() if key not in ("samples", "seq_len")}
+        options["settings"] = EstimateSettings(**{**paper, "budget": args.paper_budget, "target_removed": k,
+                                                  "seed": calibration.seed})
+        options["store"] = store
+        name = "shapley"
+    plan = select_layers(name, model, calibration, k, seed=calibration.seed, **options)
+    row = {"method": method, "removed": plan.remove, "cost": vars(plan.cost),
+           "seconds": time.perf_counter() - started}
+    rows = [row]
+    confirmation = plan.details.get("confirmation", {})
+    if "screening_choice" in confirmation:
+        row["confirmation"] = {key: confirmation[key] for key in ("rounds", "reserved_full_passes")}
+        rows.append({"method": "shapley+confirm:screened", "removed": confirmation["screening_choice"],
+                     "cost": vars(plan.cost), "seconds": row["seconds"]})
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per mixture, k and layershap variant: the ratio to the best rival per draw, its mean and its worst."""
+    summary = []
+    for mixture in dict.fromkeys(r["mixture"] for r in rows):
+        for k in sorted({r["k"] for r in rows if r["mixture"] == mixture}):
+            cell = [r for r in rows if r["mixture"] == mixture and r["k"] == k]
+            draws = sorted({r["draw"] for r in cell})
+            for variant in [m for m in LAYERSHAP if any(r["method"] == m for r in cell)]:
+                ratios, per_draw = [], []
+                for d in draws:
+                    here = {r["method"]: r["geomean"] for r in cell if r["draw"] == d}
+                    rivals = {m: v for m, v in here.items() if m not in LAYERSHAP}
+                    if variant not in here or not rivals:
+                        continue
+                    best = min(rivals, key=rivals.get)
+                    ratio = here[variant] / rivals[best]
+                    ratios.append(ratio)
+                    per_draw.append({"draw": d, "geomean": here[variant], "best_rival": best,
+                                     "best_rival_geomean": rivals[best], "ratio": ratio})
+                if ratios:
+                    summary.append({"mixture": mixture, "k": k, "method": variant, "mean_ratio": float(np.mean(ratios)),
+                                    "worst_ratio": float(max(ratios)), "draws": per_draw})
+    return summary
+
+
+def markdown(rows: list[dict], summary: list[dict]) -> str:
+    lines = ["| mixture | k | draw | method | removed | geomean ppl | used passes | used token-passes (M) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mixture']} | {r['k']} | {r['draw']} | {r['method']} | "
+                     f"{', '.join(map(str, r['removed']))} | {r['geomean']:.2f} | {r['cost']['passes']} | "
+                     f"{r['cost']['token_passes'] / 1e6:.1f} |")
+    lines += ["", "| mixture | k | method | ratio to best rival, per draw | mean | worst |", "|---|---|---|---|---|---|"]
+    for s in summary:
+        per = ", ".join(f"{d['ratio']:.3f} ({d['best_rival']})" for d in s["draws"])
+        lines.append(f"| {s['mixture']} | {s['k']} | {s['method']} | {per} | {s['mean_ratio']:.3f} | "
+                     f"{s['worst_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--draws", type=int, default=5, help="calibration draws (seeds 0..draws-1)")
+    parser.add_argument("--first-draw", type=int, default=0)
+    parser.add_argument("--mixtures", default="c4;c4,wiki,code", help="calibration mixtures, separated by ;")
+    parser.add_argument("--methods", default="shapley,shapley+confirm,shortgpt,angular,loo,sleb")
+    parser.add_argument("--ks", default="7,10")
+    parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--paper-budget", type=int, default=8000)
+    parser.add_argument("--confirm", type=int, default=3, help="halving rounds of shapley+confirm")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--eval-seq-len", type=int, default=256)
+    parser.add_argument("--cache", default=str(CACHE), help="stores and held-out perplexities, kept across runs")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    model, tokenizer = layershap.load_model()
+    cache = Path(args.cache)
+    held_out = HeldOut(model, tokenizer, args.eval_samples, args.eval_seq_len,
+                       cache / f"heldout-{args.eval_samples}x{args.eval_seq_len}.json")
+    methods = [m for m in args.methods.split(",") if m]
+    mixtures = [m for m in args.mixtures.split(";") if m]
+    ks = [int(v) for v in args.ks.split(",") if v]
+    rows: list[dict] = []
+    dense = {}
+
+    def save():
+        summary = summarise(rows)
+        write_result(args.json, {"arguments": vars(args), "genres": GENRES, "dense": dense, "rows": rows,
+                                 "summary": summary, "markdown": markdown(rows, summary)})
+
+    for mixture in mixtures:
+        genres = [g for g in GENRES if g not in mixture_texts(mixture)]
+        dense[mixture] = {"ppl": held_out.ppl([], genres)}
+        dense[mixture]["geomean"] = geometric_mean(dense[mixture]["ppl"].values())
+        for draw in range(args.first_draw, args.first_draw + args.draws):
+            calibration = text_windows(mixture, tokenizer, samples=args.samples, seq_len=args.seq_len, seed=draw)
+            store = cache / "stores" / f"{mixture.replace(',', '+').replace(':', '_')}-d{draw}.sqlite"
+            store.parent.mkdir(parents=True, exist_ok=True)
+            for k in ks:
+                for method in methods:
+                    for row in run_method(method, model, tokenizer, mixture, calibration, k, args, store):
+                        ppl = held_out.ppl(row["removed"], genres)
+                        row.update({"mixture": mixture, "draw": draw, "k": k, "ppl": ppl,
+                                    "geomean": geometric_mean(ppl.values()),
+                                    "calibration": calibration.describe()})
+                        rows.append(row)
+                        print(f"{mixture} d{draw} k={k} {row['method']:26s} removed={row['removed']} "
+                              f"geomean={row['geomean']:.2f} passes={row['cost']['passes']} "
+                              f"paid={row['cost']['paid_passes']} {row['seconds']:.0f}s", flush=True)
+                    save()
+    save()
+    print(markdown(rows, summarise(rows)))
+
+
+if __name__ == "__main__":
+    main()
