@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -122,3 +123,28 @@ def test_local_directory_that_fails_to_load_is_not_called_missing(capsys, tiny_m
     code, _, err = run_cli(["layers", "--model", broken], capsys)
     _assert_one_line_error(code, err, f"could not load the model in {broken}")
     assert "Hugging Face Hub" not in err
+
+
+def test_prune_shapley_on_a_mixture_with_confirmation(capsys, tiny_model_dir, long_text_file, tmp_path):
+    """--data takes a weighted mixture, --confirm re-measures the finalists on fresh windows, and the record
+    holds the mixture and the cost used and paid."""
+    copy = tmp_path / "other.txt"
+    copy.write_text(" ".join(reversed(Path(long_text_file).read_text().split())))
+    out = tmp_path / "pruned"
+    mixture = f"{long_text_file}:3,{copy}:1"
+    code, _, err = run_cli(["prune", "--ratio", "0.34", "--out", out, "--model", tiny_model_dir, "--data", mixture,
+                            "--eval-data", long_text_file, "--samples", "4", "--seq-len", "16", "--eval-samples", "2",
+                            "--eval-seq-len", "16", "--budget", "40", "--confirm", "2"], capsys)
+    assert code == 0, err
+    record = json.loads((out / "layershap.json").read_text())
+    assert [part["samples"] for part in record["calibration"]["mixture"]] == [3, 1]
+    assert record["plan"]["confirmation"]["chosen"] == record["removed"]
+    cost = record["cost"]
+    assert cost["passes"] == record["forward_passes"] and cost["paid_passes"] == cost["passes"]
+    assert 0 < cost["token_passes"] <= 40 * 4 * 16 * 7
+
+
+def test_bad_mixture_is_one_line(capsys, tiny_model_dir, tmp_path):
+    code, _, err = run_cli(["prune", "--ratio", "0.34", "--out", tmp_path / "x", "--model", tiny_model_dir,
+                            "--data", "wiki:0,c4", "--method", "shortgpt"], capsys)
+    assert code == 2 and "weight" in err and len(err.strip().splitlines()) == 1
