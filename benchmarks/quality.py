@@ -63,7 +63,10 @@ def run(model, calibration, evaluation, method: str, k: int, budget: int, store,
     with keep_only(model, mask):
         ppl = perplexity(model, evaluation.tokens)
     row = {"method": method, "k": k, "ratio": k / plan.n_layers, "removed": plan.remove, "ppl": {"wiki": ppl},
-           "forward_passes": plan.forward_passes, "seconds": seconds, "budget": budget,
+           # what this call measured (Plan.forward_passes is now what the method used, store included)
+           "forward_passes": plan.cost.paid_passes if plan.cost is not None else plan.forward_passes,
+           "token_passes": plan.cost.token_passes if plan.cost is not None else None,
+           "seconds": seconds, "budget": budget,
            "masks": plan.details.get("estimate", {}).get("masks", plan.forward_passes), "scores": plan.scores,
            "scores_from_k": earlier["k"] if earlier is not None else k}
     print(f"{method:12s} k={k:2d} passes={plan.forward_passes:4d} removed={plan.remove} wiki ppl={ppl:9.2f}",
