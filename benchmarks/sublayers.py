@@ -131,7 +131,7 @@ def main() -> None:
                 plan_remove, passes = plan.remove, plan.forward_passes
             mask = sublayer_mask_of_blocks(n, plan_remove)
             return {"method": f"{method}-block", "granularity": "block", "ratio": ratio, "k": k_block,
-                    "removed": [int(i) for i in plan_remove], **sublayer_record(model, mask), "granularity": "block",
+                    "removed": [int(i) for i in plan_remove], **sublayer_record(model, mask),
                     "forward_passes": passes, "seconds": time.perf_counter() - started, "ppl": held_out_ppl(mask)}
 
         block = sub["block_plan"]

@@ -52,7 +52,6 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
     """
     from layershap.game.backends import use_backend
     from layershap.game.context import model_fingerprint
-
     from layershap.game.layer_game import check_granularity
 
     check_granularity(granularity)

@@ -42,7 +42,7 @@ def test_registry_names_the_three_methods():
 def test_llm_drop_scores_are_the_attention_turn_of_the_stream(tokens):
     model = tiny_model("llama")
     scores = branch_influence(model, tokens)
-    for i in range(0, 5):  # the last block's output is normed in hidden_states
+    for i in range(5):  # the last block's output is normed in hidden_states
         assert scores[2 * i] == pytest.approx(reference_attention_influence(model, tokens, i), abs=1e-5)
 
 

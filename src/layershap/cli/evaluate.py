@@ -116,7 +116,6 @@ def compare(ctx: typer.Context, ratios: Annotated[str, typer.Option(help="Comma-
     (with --tasks), forward passes and time spent choosing; writes compare.json/.csv/.md and a plot."""
     from layershap.evaluate.compare import check_methods, check_ratios, compare_methods
     from layershap.evaluate.compare_output import markdown_table
-
     from layershap.game.layer_game import check_granularity
 
     check_granularity(granularity)

@@ -157,10 +157,9 @@ def estimate(ctx: typer.Context,
     """Estimate every layer's Shapley value: sample masks, evaluate them (reusing the store), fit the
     surrogate, and write shapley.json / shapley.csv."""
     from layershap.api import estimate_dry_run, estimate_run
+    from layershap.game.layer_game import check_granularity
     from layershap.models.layers import num_layers
     from layershap.plan.ratio import check_ratio, layers_to_remove
-
-    from layershap.game.layer_game import check_granularity
 
     check_granularity(granularity)
     if target_ratio is not None:
@@ -211,7 +210,6 @@ def estimate(ctx: typer.Context,
 def methods(config: ConfigOption = None):
     """List the pruning methods."""
     from layershap.plan.methods import METHODS
-
     from layershap.plan.sublayer import SUBLAYER_METHODS
 
     for name, fn in METHODS.items():

@@ -19,7 +19,14 @@ import torch
 
 from layershap.errors import LayershapError
 from layershap.models.architectures import Architecture, architecture_of
-from layershap.models.layers import _apply, _config_count_key, _configs_of, _parent_and_attr, check_editable, keep_only
+from layershap.models.layers import (
+    _apply,
+    _config_count_key,
+    _configs_of,
+    _parent_and_attr,
+    check_editable,
+    keep_only,
+)
 
 KINDS = ("attn", "mlp")
 KV_CACHE_KEY = "kv_sharing_modes"  # transformers' per-layer switch: "reuse" gives a layer a cache that holds nothing
@@ -92,7 +99,7 @@ def keep(model, mask):
     return keep_sublayers(model, mask)
 
 
-class keep_sublayers:  # noqa: N801 - a context manager, used like keep_only
+class keep_sublayers:  # a context manager, named like keep_only
     """Run the model with only the kept sublayers (a boolean mask of 2n entries); restored on exit."""
 
     def __init__(self, model, mask):

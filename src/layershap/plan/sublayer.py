@@ -29,7 +29,12 @@ from layershap.game.layer_game import LayerGame, bounded_nll
 from layershap.game.measure import evaluate_masks
 from layershap.game.store import open_store
 from layershap.models.layers import num_layers
-from layershap.models.sublayers import block_parameters, kv_cache_fraction_removed, sublayer_names, sublayer_parameters
+from layershap.models.sublayers import (
+    block_parameters,
+    kv_cache_fraction_removed,
+    sublayer_names,
+    sublayer_parameters,
+)
 from layershap.plan.methods import select_layers
 from layershap.plan.methods.base import Plan
 from layershap.plan.methods.blockpruner import blockpruner
@@ -110,7 +115,7 @@ def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | 
                        "measured_calibration_ppl": _ppl(nll_of[block_mask.tobytes()]),
                        "forward_passes": block.forward_passes,
                        "masks_used": block.details.get("estimate", {}).get("masks", block.forward_passes)},
-        "masks_used": int(len(masks)),
+        "masks_used": len(masks),
         "measured_calibration_ppl": _ppl(nll_of[best.tobytes()]),
         "dense_calibration_ppl": _ppl(base),
         "rounds": rounds,

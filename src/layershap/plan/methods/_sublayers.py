@@ -11,7 +11,12 @@ import numpy as np
 
 from layershap.errors import LayershapError
 from layershap.models.layers import num_layers
-from layershap.models.sublayers import block_parameters, kv_cache_fraction_removed, sublayer_names, sublayer_parameters
+from layershap.models.sublayers import (
+    block_parameters,
+    kv_cache_fraction_removed,
+    sublayer_names,
+    sublayer_parameters,
+)
 from layershap.plan.methods._common import removable
 from layershap.plan.methods.base import Plan
 from layershap.plan.ratio import check_ratio

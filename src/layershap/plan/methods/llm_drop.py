@@ -22,7 +22,12 @@ from layershap.models.architectures import architecture_of
 from layershap.models.layers import block_list, num_layers
 from layershap.models.sublayers import check_sublayers
 from layershap.plan.methods._common import model_device, tokens_of
-from layershap.plan.methods._sublayers import allowed_players, drop_in_order, parameter_target, sublayer_plan_result
+from layershap.plan.methods._sublayers import (
+    allowed_players,
+    drop_in_order,
+    parameter_target,
+    sublayer_plan_result,
+)
 
 
 def branch_influence(model, tokens: torch.Tensor, *, batch_size: int = 8) -> list[float]:
