@@ -52,7 +52,7 @@ def test_cache_limit_falls_back_to_plain():
 
 
 def test_cache_budget_is_fixed_on_the_host_and_a_share_of_free_memory_on_a_gpu(monkeypatch):
-    from layershap.evaluate import prefix
+    from layershap.game import prefix
 
     assert prefix.cache_budget_bytes(torch.device("cpu")) == prefix.DEFAULT_CACHE_BYTES
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 << 30, 140 << 30))
