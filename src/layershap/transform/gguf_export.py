@@ -22,6 +22,7 @@ from pathlib import Path
 
 from layershap.errors import LayershapError
 from layershap.models.architectures import ARCHITECTURES
+from layershap.models.layers import normalise_layer_list
 
 # llama.cpp's architecture name -> the transformers model type that reading such a GGUF produces.
 _MODEL_TYPE = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}
@@ -103,12 +104,7 @@ def write_pruned_gguf(source, out, removed: Sequence[int], record: dict | None =
     if out.resolve() == source.resolve():
         raise LayershapError(f"--out {out} is the input file; give another path")
     n = _block_count(reader, arch)
-    removed_set = set()
-    for i in removed:
-        j = int(i) + n if int(i) < 0 else int(i)
-        if not 0 <= j < n:
-            raise LayershapError(f"block {i} does not exist in {source.name}: it has blocks 0..{n - 1}")
-        removed_set.add(j)
+    removed_set = set(normalise_layer_list(removed, n))
     kept = [i for i in range(n) if i not in removed_set]
     if not kept:
         raise LayershapError(f"cannot remove all {n} blocks of {source.name}")
