@@ -14,7 +14,7 @@ from layershap import __version__
 from layershap.config import versions, write_run_config
 from layershap.data.windows import text_windows
 from layershap.errors import LayershapError
-from layershap.game.nll import perplexity
+from layershap.game.nll import perplexities_of, perplexity
 from layershap.io import read_json, write_json
 from layershap.models.layers import normalise_layer_list, num_layers, prune_layers
 from layershap.models.load import model_label
@@ -55,6 +55,7 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
     from layershap.game.layer_game import check_granularity
 
     check_granularity(granularity)
+    writes_gguf = wants_gguf(out, out_format)
     if granularity == "sublayer":
         from layershap.models.sublayers import check_sublayers
 
@@ -62,11 +63,9 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
         if quantize is not None:
             raise LayershapError("--quantize with --granularity sublayer is not supported yet; quantize the saved "
                                  "directory afterwards")
-        if plan_file is not None or wants_gguf(out, out_format):
+        if plan_file is not None or writes_gguf:
             raise LayershapError("--plan and a GGUF --out take whole blocks; drop --granularity sublayer")
-    gguf_source = None
-    if wants_gguf(out, out_format):
-        gguf_source = gguf_source_for(model_name, quantize)
+    gguf_source = gguf_source_for(model_name, quantize) if writes_gguf else None
     if quantize is not None:
         from layershap.transform.quantize import check_quantizable
 
@@ -83,13 +82,13 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
     calibration = text_windows(data, tokenizer, samples=samples, seq_len=seq_len, seed=seed, split="calibration")
     held_out = {name: text_windows(name, tokenizer, samples=eval_samples, seq_len=eval_seq_len, seed=seed,
                                    split="evaluation") for name in eval_data}
-    before = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
+    before = perplexities_of(model, held_out, batch_size=batch_size)
     model_fp = model_fingerprint(model)  # of the model as given, for the run's provenance
-    parameters = _run_parameters(model, model_name, method_options.get("settings"), config, out=out, ratio=ratio,
+    settings = method_options.get("settings")
+    parameters = _run_parameters(model, model_name, settings, config, out=out, ratio=ratio,
                                  method=method, protect=protected, data=data, samples=samples, seq_len=seq_len,
                                  seed=seed, eval_data=list(eval_data), eval_samples=eval_samples,
                                  eval_seq_len=eval_seq_len, batch_size=batch_size, store=method_options.get("store"))
-    settings = method_options.get("settings")
     if method == "shapley" and settings is not None and settings.confirm > 0:
         from layershap.plan.confirm import confirmation_windows
 
@@ -107,7 +106,7 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
                                  batch_size=batch_size, **method_options)
     seconds = time.perf_counter() - started
     prune_layers(model, plan.remove)
-    after = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
+    after = perplexities_of(model, held_out, batch_size=batch_size)
     record = {
         "model": model_label(model_name),
         "model_type": model.config.model_type,
@@ -146,8 +145,7 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
         from layershap.transform.quantize import quantize_model, save_quantized
 
         quantize_model(model, quantize)
-        record["quantization"] = {"ppl": {name: perplexity(model, w.tokens, batch_size=batch_size)
-                                          for name, w in held_out.items()}}
+        record["quantization"] = {"ppl": perplexities_of(model, held_out, batch_size=batch_size)}
         save_quantized(model, tokenizer, Path(out), record)
         record = read_json(Path(out) / "layershap.json")
     write_run_config(out, "prune", parameters, _provenance(model_fp, calibration, held_out, backend))
@@ -245,7 +243,7 @@ def _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters
     mask = np.ones(2 * n, dtype=bool)
     mask[plan.remove] = False
     remove_sublayers(model, mask)
-    after = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
+    after = perplexities_of(model, held_out, batch_size=batch_size)
     details = plan.details
     record = {
         "model": model_label(model_name),

@@ -23,7 +23,7 @@ from layershap import __version__
 from layershap.data.windows import mixture_texts, text_windows
 from layershap.errors import LayershapError
 from layershap.evaluate.compare_output import DENSE, write_compare
-from layershap.game.nll import perplexity
+from layershap.game.nll import perplexities_of
 from layershap.models.layers import block_list, keep_only, normalise_layer_list, num_layers, prune_layers
 from layershap.models.load import model_label
 from layershap.plan.methods import get_method, select_layers
@@ -204,7 +204,7 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
         else:
             keeping = keep_only
         with keeping(target, mask):
-            row["ppl"] = {name: perplexity(target, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
+            row["ppl"] = perplexities_of(target, held_out, batch_size=batch_size)
             if tasks:
                 from layershap.evaluate.zeroshot import zero_shot
 

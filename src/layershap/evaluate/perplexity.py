@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from layershap._moved import moved_names
 from layershap.data.windows import text_windows
-from layershap.game.nll import perplexity
+from layershap.game.nll import perplexities_of
 
 
 def perplexities(model, tokenizer, data: list[str], *, samples: int, seq_len: int, seed: int = 0,
@@ -12,7 +12,7 @@ def perplexities(model, tokenizer, data: list[str], *, samples: int, seq_len: in
     """Perplexity on each named text (its `split` half), windows drawn with `seed`."""
     windows = {name: text_windows(name, tokenizer, samples=samples, seq_len=seq_len, seed=seed, split=split)
                for name in data}
-    return {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in windows.items()}
+    return perplexities_of(model, windows, batch_size=batch_size)
 
 
 __getattr__ = moved_names("layershap.evaluate.perplexity", None,

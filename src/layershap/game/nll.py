@@ -35,3 +35,8 @@ def perplexity(model, tokens: torch.Tensor, *, batch_size: int = 8) -> float:
     """exp(mean NLL); inf when the model diverges."""
     nll = mean_nll(model, tokens, batch_size=batch_size)
     return math.exp(nll) if nll < 700 else math.inf
+
+
+def perplexities_of(model, windows: dict, *, batch_size: int = 8) -> dict[str, float]:
+    """Perplexity on each named set of windows ({name: TextWindows}): what every run reports before and after."""
+    return {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in windows.items()}

@@ -145,7 +145,7 @@ def heal_run(model, tokenizer, *, out, steps: int, model_name: str | None = None
     """Heal a loaded model on the calibration half of `data`, measure held-out perplexity before and after,
     and save the merged model to `out` with `layershap.json` (the source's record, if any, plus `heal`)."""
     from layershap.data.windows import text_windows
-    from layershap.game.nll import perplexity
+    from layershap.game.nll import perplexities_of
     from layershap.models.save import inherited_record, save_pruned
 
     check_heal_options(steps=steps, lr=lr, rank=rank, alpha=alpha, batch_size=batch_size)
@@ -154,10 +154,10 @@ def heal_run(model, tokenizer, *, out, steps: int, model_name: str | None = None
     held_out = {name: text_windows(name, tokenizer, samples=eval_samples, seq_len=eval_seq_len, seed=seed,
                                    split="evaluation") for name in eval_data}
     eval_batch = max(batch_size, 8)
-    before = {name: perplexity(model, w.tokens, batch_size=eval_batch) for name, w in held_out.items()}
+    before = perplexities_of(model, held_out, batch_size=eval_batch)
     healed, stats = heal_model(model, calibration, steps=steps, lr=lr, rank=rank, alpha=alpha,
                                batch_size=batch_size, seed=seed)
-    after = {name: perplexity(healed, w.tokens, batch_size=eval_batch) for name, w in held_out.items()}
+    after = perplexities_of(healed, held_out, batch_size=eval_batch)
     record = inherited_record(model_name, healed)
     record["heal"] = {**stats, "ppl_before": before, "ppl_after": after, "calibration": calibration.describe(),
                       "evaluation": {name: w.describe() for name, w in held_out.items()}}

@@ -275,16 +275,16 @@ def quantize_run(model, tokenizer, *, scheme: str, out, model_name: str | None =
     The record keeps what the source directory's `layershap.json` said (a pruned model stays described as
     such) and adds `quantization`."""
     from layershap.data.windows import text_windows
-    from layershap.game.nll import perplexity
+    from layershap.game.nll import perplexities_of
     from layershap.io import read_json
     from layershap.models.save import inherited_record
 
     check_quantizable(model, scheme)
     held_out = {name: text_windows(name, tokenizer, samples=eval_samples, seq_len=eval_seq_len, seed=seed,
                                    split="evaluation") for name in eval_data}
-    before = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
+    before = perplexities_of(model, held_out, batch_size=batch_size)
     quantize_model(model, scheme)
-    after = {name: perplexity(model, w.tokens, batch_size=batch_size) for name, w in held_out.items()}
+    after = perplexities_of(model, held_out, batch_size=batch_size)
     record = inherited_record(model_name, model)
     record["quantization"] = {"ppl_before": before, "ppl_after": after,
                               "evaluation": {name: w.describe() for name, w in held_out.items()}}
