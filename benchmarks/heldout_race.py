@@ -48,6 +48,7 @@ from layershap.plan.cost import Cost
 from layershap.plan.methods import select_layers
 from layershap.plan.methods.base import lowest_scoring
 from layershap.plan.methods.loo import loo_scores
+from layershap.plan.ratio import layers_to_remove
 from layershap.plan.search import removal_mask
 
 GENRES = list(PACKAGED_TEXTS)  # wiki, c4, code, tiny, technical, multilingual
@@ -98,9 +99,35 @@ def loo_from_store(model, calibration, k: int, store) -> tuple[list[int], Cost]:
     return lowest_scoring(loo_scores(float(nlls[0]), list(nlls[1:])), k), cost
 
 
+class GreedySleb:
+    """SLEB at every k of a draw from one run at the largest: its first k greedy steps are SLEB at k, so the
+    plan, cost and seconds at a smaller k are read off the longer run's steps (each step's trials are what
+    SLEB at that k would run, and they are timed per step)."""
+
+    def __init__(self):
+        self.runs: dict[str, dict] = {}
+
+    def plan(self, model, calibration, k: int, k_max: int) -> dict:
+        key = calibration.fingerprint()
+        if key not in self.runs:
+            self.runs = {key: select_layers("sleb", model, calibration, k_max).details}
+        steps = self.runs[key]["steps"][:k]
+        n, tokens = num_layers(model), int(calibration.tokens.numel())
+        cost = Cost()
+        for t in range(k):
+            cost.add(tokens, n - t, passes=n - t)  # n - t trials, each keeping n - t - 1 blocks plus the head
+        return {"method": "sleb", "removed": sorted(s["removed"] for s in steps), "cost": vars(cost),
+                "seconds": sum(s["seconds"] for s in steps)}
+
+
+SLEB = GreedySleb()
+
+
 def run_method(method, model, tokenizer, mixture, calibration, k, args, store) -> list[dict]:
     """One method's rows (two for shapley+confirm) at one draw and k."""
     started = time.perf_counter()
+    if method == "sleb":
+        return [SLEB.plan(model, calibration, k, max(args.k_values))]
     if method == "loo":
         remove, cost = loo_from_store(model, calibration, k, store)
         return [{"method": "loo", "removed": remove, "cost": vars(cost), "seconds": time.perf_counter() - started}]
@@ -108,8 +135,8 @@ def run_method(method, model, tokenizer, mixture, calibration, k, args, store) -
     name = method
     if method.startswith("shapley"):
         confirm = args.confirm if method == "shapley+confirm" else 0
-        options["settings"] = EstimateSettings(budget=args.budget, target_removed=k, seed=calibration.seed,
-                                               confirm=confirm)
+        options["settings"] = EstimateSettings(**({"budget": args.budget} if args.budget else {}),
+                                               target_removed=k, seed=calibration.seed, confirm=confirm)
         options["store"] = store
         name = "shapley"
         if confirm:
@@ -122,7 +149,8 @@ def run_method(method, model, tokenizer, mixture, calibration, k, args, store) -
         name = "shapley"
     plan = select_layers(name, model, calibration, k, seed=calibration.seed, **options)
     row = {"method": method, "removed": plan.remove, "cost": vars(plan.cost),
-           "seconds": time.perf_counter() - started}
+           "seconds": time.perf_counter() - started,
+           "cold": plan.cost.paid_passes == plan.cost.passes}  # seconds are a cold run's only when all was paid
     rows = [row]
     confirmation = plan.details.get("confirmation", {})
     if "screening_choice" in confirmation:
@@ -158,12 +186,13 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], summary: list[dict]) -> str:
-    lines = ["| mixture | k | draw | method | removed | geomean ppl | used passes | used token-passes (M) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [("| mixture | k | draw | method | removed | geomean ppl | used passes | used token-passes (M) | "
+             "seconds (cold) |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        seconds = f"{r['seconds']:.0f}" if r.get("cold", True) else "(warm store)"
         lines.append(f"| {r['mixture']} | {r['k']} | {r['draw']} | {r['method']} | "
                      f"{', '.join(map(str, r['removed']))} | {r['geomean']:.2f} | {r['cost']['passes']} | "
-                     f"{r['cost']['token_passes'] / 1e6:.1f} |")
+                     f"{r['cost']['token_passes'] / 1e6:.2f} | {seconds} |")
     lines += ["", "| mixture | k | method | ratio to best rival, per draw | mean | worst |", "|---|---|---|---|---|---|"]
     for s in summary:
         per = ", ".join(f"{d['ratio']:.3f} ({d['best_rival']})" for d in s["draws"])
@@ -179,7 +208,8 @@ def main() -> None:
     parser.add_argument("--mixtures", default="c4;c4,wiki,code", help="calibration mixtures, separated by ;")
     parser.add_argument("--methods", default="shapley,shapley+confirm,shortgpt,angular,loo,sleb")
     parser.add_argument("--ks", default="7,10")
-    parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--ratios", default="0.25", help="also the k of these ratios (compare's default: 0.25)")
+    parser.add_argument("--budget", type=int, default=None, help="shapley's --budget (default: the library's)")
     parser.add_argument("--paper-budget", type=int, default=8000)
     parser.add_argument("--confirm", type=int, default=3, help="halving rounds of shapley+confirm")
     parser.add_argument("--samples", type=int, default=8)
@@ -188,6 +218,8 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--cache", default=str(CACHE), help="stores and held-out perplexities, kept across runs")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --json and run only the missing (mixture, draw, k, method)")
     args = parser.parse_args()
     model, tokenizer = layershap.load_model()
     cache = Path(args.cache)
@@ -195,9 +227,15 @@ def main() -> None:
                        cache / f"heldout-{args.eval_samples}x{args.eval_seq_len}.json")
     methods = [m for m in args.methods.split(",") if m]
     mixtures = [m for m in args.mixtures.split(";") if m]
-    ks = [int(v) for v in args.ks.split(",") if v]
+    n = num_layers(model)
+    ks = sorted({int(v) for v in args.ks.split(",") if v}
+                | {layers_to_remove(float(r), n) for r in args.ratios.split(",") if r})
+    args.k_values = ks
     rows: list[dict] = []
     dense = {}
+    if args.resume and args.json and Path(args.json).is_file():  # a killed or narrower earlier run: keep its rows
+        rows = json.loads(Path(args.json).read_text())["rows"]
+    done = {(r["mixture"], r["draw"], r["k"], r["method"]) for r in rows}
 
     def save():
         summary = summarise(rows)
@@ -210,10 +248,13 @@ def main() -> None:
         dense[mixture]["geomean"] = geometric_mean(dense[mixture]["ppl"].values())
         for draw in range(args.first_draw, args.first_draw + args.draws):
             calibration = text_windows(mixture, tokenizer, samples=args.samples, seq_len=args.seq_len, seed=draw)
-            store = cache / "stores" / f"{mixture.replace(',', '+').replace(':', '_')}-d{draw}.sqlite"
-            store.parent.mkdir(parents=True, exist_ok=True)
             for k in ks:
+                # one store per k: each k's layershap run starts cold, so its seconds are a cold run's
+                store = cache / "stores" / f"{mixture.replace(',', '+').replace(':', '_')}-d{draw}-k{k}.sqlite"
+                store.parent.mkdir(parents=True, exist_ok=True)
                 for method in methods:
+                    if (mixture, draw, k, method) in done:
+                        continue
                     for row in run_method(method, model, tokenizer, mixture, calibration, k, args, store):
                         ppl = held_out.ppl(row["removed"], genres)
                         row.update({"mixture": mixture, "draw": draw, "k": k, "ppl": ppl,

@@ -331,6 +331,7 @@ def estimate_dry_run(model, tokenizer, *, settings, data: str = "c4", samples: i
 
     The time per pass comes from earlier evaluations in the store, or else from one timed full pass.
     """
+    from layershap.estimate.budget import mask_share
     from layershap.estimate.pipeline import sample_masks
     from layershap.game.context import measurement_context
     from layershap.game.layer_game import LayerGame
@@ -341,7 +342,7 @@ def estimate_dry_run(model, tokenizer, *, settings, data: str = "c4", samples: i
     calibration = text_windows(data, tokenizer, samples=samples, seq_len=seq_len, seed=settings.seed,
                                split="calibration")
     game = LayerGame(model, calibration, utility=settings.utility, batch_size=batch_size, granularity=granularity)
-    masks = sample_masks(settings, n)
+    masks = sample_masks(settings, n, num_layers(model))
     with open_store(model, store) as db:
         context = measurement_context(game)
         known = db.get_many(context, masks)
@@ -352,8 +353,9 @@ def estimate_dry_run(model, tokenizer, *, settings, data: str = "c4", samples: i
         perplexity(model, calibration.tokens, batch_size=batch_size)
         per_layer_pass = (time.perf_counter() - started) / n
     seconds = sum(per_layer_pass * max(int(m.sum()), 1) for m in todo)
+    share = mask_share(num_layers(model), settings.budget_unit)
     return {"masks": len(masks), "stored": len(masks) - len(todo), "forward_passes": len(todo),
-            "estimated_seconds": seconds}
+            "full_size_passes": float(sum(share(m) for m in masks)), "estimated_seconds": seconds}
 
 
 def _run_parameters(model, model_name, settings, config, **values) -> dict:

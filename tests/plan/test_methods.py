@@ -189,6 +189,23 @@ def test_sleb_first_step_is_loo_argmin(llama, windows):
     assert LayerGame(llama, windows).nll(mask) == pytest.approx(sleb_plan.details["steps"][-1]["nll"], abs=1e-9)
 
 
+def test_sleb_prefix_shared_trials_equal_plain_passes_exactly(llama, windows):
+    from layershap.game.layer_game import LayerGame
+
+    plan = METHODS["sleb"](llama, windows, 3)
+    plain = LayerGame(llama, windows)
+    keep = np.ones(N, dtype=bool)
+    first = []
+    for i in range(N):
+        mask = keep.copy()
+        mask[i] = False
+        first.append(plain.nll(mask))
+    assert plan.details["first_step_nll"] == first  # bit for bit, not approximately
+    for step in plan.details["steps"]:
+        keep[step["removed"]] = False
+        assert plain.nll(keep) == step["nll"]
+
+
 def test_sleb_greedy_steps_on_identity_blocks(windows):
     model = tiny_model("llama")
     make_identity(model, 1)

@@ -73,13 +73,31 @@ def _tiny_game():
 def test_refine_spends_exactly_the_budget_and_returns_a_measured_plan(tmp_path):
     model, game = _tiny_game()
     with open_store(model, tmp_path / "s.sqlite") as store:
-        first = estimate(game, store, EstimateSettings(budget=20, target_removed=2))
+        first = estimate(game, store, EstimateSettings(budget=20, budget_unit="masks", target_removed=2))
         result = refine(game, store, first.masks, first.nlls, k=2, budget=30, surrogate="pairwise", seed=0)
     assert len(result.masks) == 30 and result.evaluations == 10
     assert result.best.sum() == 4
     row = np.flatnonzero((result.masks == result.best).all(axis=1))[0]
     eligible = result.masks.sum(axis=1) == 4
     assert result.nlls[row] == np.nanmin(result.nlls[eligible])
+
+
+def test_refine_spends_a_budget_of_full_passes_at_each_masks_share(tmp_path):
+    from layershap.estimate.budget import mask_share, spent
+
+    model, game = _tiny_game()
+    share = mask_share(6)
+    with open_store(model, tmp_path / "s.sqlite") as store:
+        first = estimate(game, store, EstimateSettings(budget=20, target_removed=2))
+        assert 20 - share(first.masks[-1]) < spent(first.masks, share) <= 20 + 1e-9
+        assert len(first.masks) > 20  # cheaper than full passes: more masks than the budget's number
+        result = refine(game, store, first.masks, first.nlls, k=2, budget=30, surrogate="pairwise", seed=0,
+                        share=share)
+    plan_share = 5 / 7  # 4 of 6 blocks kept, plus the head
+    used = spent(result.masks, share)
+    plans = {m.tobytes() for m in result.masks if m.sum() == 4}
+    assert used <= 30 + 1e-9
+    assert used > 30 - plan_share or len(plans) == 15  # spent, or every 2-of-6 removal measured
 
 
 def test_refine_measures_the_seed_plans_first(tmp_path):

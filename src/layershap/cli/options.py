@@ -29,8 +29,9 @@ EvalData = Annotated[str, typer.Option("--eval-data", help="Comma-separated text
 EvalSamples = Annotated[int, typer.Option("--eval-samples", help="Held-out windows per text.")]
 EvalSeqLen = Annotated[int, typer.Option("--eval-seq-len", help="Tokens per held-out window.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
-Budget = Annotated[int | None, typer.Option(help="Masks evaluated on the real model (default 256; paper "
-                                                    "preset 8000).")]
+Budget = Annotated[int | None, typer.Option(help="Real-model evaluations, in full-size passes: a mask costs "
+                                                    "its kept blocks' share (default 128; the paper preset "
+                                                    "counts 8000 masks).")]
 Preset = Annotated[str, typer.Option(help="default, or paper (the official pipeline: 8000 masks, 10x128 "
                                           "windows, MLP surrogate, ppl_ratio).")]
 Sampler = Annotated[str | None, typer.Option(help="Mask strata: target (around the pruning ratio), "

@@ -186,7 +186,8 @@ def estimate(ctx: typer.Context,
         if dry_run:
             plan = estimate_dry_run(loaded, tokenizer, **common)
             typer.echo(f"would run {plan['forward_passes']} forward passes ({plan['stored']} of {plan['masks']} "
-                       f"masks already stored), about {plan['estimated_seconds'] / 60:.1f} min on this device")
+                       f"masks already stored; all {plan['masks']} = {plan['full_size_passes']:.1f} full-size "
+                       f"passes), about {plan['estimated_seconds'] / 60:.1f} min on this device")
             return
         record = estimate_run(loaded, tokenizer, out=out, model_name=model, backend=runner,
                               config=parameters_from_context(ctx), **common)

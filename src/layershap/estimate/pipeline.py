@@ -11,13 +11,13 @@ Shapley:      every layer's value from the surrogate (exact by enumeration up to
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from layershap.errors import LayershapError
+from layershap.estimate.budget import BUDGET_UNITS, SPENT_TOLERANCE, mask_share
 from layershap.estimate.sampling import get_sampler
 from layershap.estimate.shapley import EXACT_MAX_PLAYERS, shapley_values, surrogate_shapley
 from layershap.estimate.surrogate import held_out_fit, make_surrogate
@@ -36,7 +36,8 @@ PLANS = ("search", "lowest")  # the surrogate's held-out check needs a few masks
 class EstimateSettings:
     """Everything that decides an estimate's result; written into every run directory."""
 
-    budget: int = 256
+    budget: int = 128  # full-size passes (see budget_unit); 128 spends less than SLEB at k >= 6 (docs/method.md)
+    budget_unit: str = "full_passes"  # a mask costs its kept share of a full pass; "masks": each costs 1
     sampler: str = "target"
     surrogate: str = "pairwise"
     utility: str = "neg_nll"
@@ -52,6 +53,8 @@ class EstimateSettings:
         if self.budget < MIN_BUDGET:
             raise LayershapError(f"--budget {self.budget} is too small: the surrogate needs at least {MIN_BUDGET} "
                                  "evaluated masks (and more than the number of layers to be useful)")
+        if self.budget_unit not in BUDGET_UNITS:
+            raise LayershapError(f"unknown budget unit {self.budget_unit!r}; use one of {', '.join(BUDGET_UNITS)}")
         get_sampler(self.sampler)
         make_surrogate(self.surrogate, n_layers, self.seed)
         if self.plan not in PLANS:
@@ -63,7 +66,7 @@ class EstimateSettings:
 # The official pipeline (8000 masks, 10 windows of 128 tokens, the MLP surrogate, 20,000 samples per layer).
 PRESETS: dict[str, dict] = {
     "default": {},
-    "paper": {"budget": 8000, "sampler": "paper", "surrogate": "paper", "utility": "ppl_ratio",
+    "paper": {"budget": 8000, "budget_unit": "masks", "sampler": "paper", "surrogate": "paper", "utility": "ppl_ratio",
               "shapley_samples": 20000, "plan": "lowest", "samples": 10, "seq_len": 128},
 }
 
@@ -114,20 +117,29 @@ class Estimate:
         }
 
 
-def sample_masks(settings: EstimateSettings, n_layers: int) -> np.ndarray:
-    """The full model first (the utility's reference), then the sampler's masks up to the budget.
+def sample_masks(settings: EstimateSettings, n_players: int, n_blocks: int | None = None) -> np.ndarray:
+    """The full model first (the utility's reference), then the sampler's masks until the budget is spent.
 
-    When the budget covers all 2^n coalitions, all of them are taken (the estimate is then exact); when the
-    sampler's strata hold fewer masks than the budget, all of theirs are taken.
+    Each mask is charged its share of a full pass (`estimate/budget.py`; n_blocks: the model's blocks, when
+    the players are sublayers), or 1 with `budget_unit="masks"`. When the budget covers all 2^n coalitions,
+    all of them are taken (the estimate is then exact); when the sampler's strata hold fewer masks than the
+    budget buys, all of theirs are taken. A larger budget takes a longer prefix of the same stream.
     """
-    full = np.ones((1, n_layers), dtype=bool)
-    if n_layers <= 20 and settings.budget >= 2 ** n_layers:
-        every = ((np.arange(2 ** n_layers)[:, None] >> np.arange(n_layers)) & 1).astype(bool)
+    full = np.ones((1, n_players), dtype=bool)
+    if n_players <= 20 and settings.budget >= 2 ** n_players:
+        every = ((np.arange(2 ** n_players)[:, None] >> np.arange(n_players)) & 1).astype(bool)
         return np.concatenate([full, every[:-1][::-1]])
-    stream = get_sampler(settings.sampler).stream(n_layers, target_removed=settings.target_removed, seed=settings.seed,
-                                                  paired=settings.paired, exclude=full)
-    drawn = list(itertools.islice(stream, settings.budget - 1))
-    return np.concatenate([full, np.array(drawn, dtype=bool).reshape(-1, n_layers)])
+    stream = get_sampler(settings.sampler).stream(n_players, target_removed=settings.target_removed,
+                                                  seed=settings.seed, paired=settings.paired, exclude=full)
+    share = mask_share(n_blocks or n_players, settings.budget_unit)
+    left, drawn = settings.budget - share(full[0]), []
+    for mask in stream:
+        cost = share(mask)
+        if cost > left + SPENT_TOLERANCE:
+            break
+        drawn.append(mask)
+        left -= cost
+    return np.concatenate([full, np.array(drawn, dtype=bool).reshape(-1, n_players)])
 
 
 class MeasuredOrPredicted:
@@ -155,13 +167,18 @@ def estimate(game: LayerGame, store: EvaluationStore, settings: EstimateSettings
     settings.check(game.n_players)
     if settings.utility != game.utility.name:
         raise LayershapError(f"the game measures {game.utility.name!r} but the settings ask for {settings.utility!r}")
-    masks = sample_masks(settings, game.n_players)
+    masks = sample_masks(settings, game.n_players, game_blocks(game))
     measured = Measured()
     nlls, evaluated, reused = evaluate_masks(game, store, masks, measured=measured)
     result = estimate_from_measurements(game.utility, masks, nlls, settings)
     result.evaluations, result.reused, result.seconds = evaluated, reused, time.perf_counter() - started
     result.measured = measured
     return result
+
+
+def game_blocks(game: LayerGame) -> int:
+    """The model's blocks (the players, or half of them in the sublayer game)."""
+    return game.n_players // (2 if getattr(game, "granularity", "block") == "sublayer" else 1)
 
 
 def estimate_from_measurements(utility: Utility, masks: np.ndarray, nlls: np.ndarray,

@@ -11,10 +11,13 @@ through what was not tried, never through what is chosen.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from layershap.estimate.budget import SPENT_TOLERANCE, spent
 from layershap.estimate.surrogate import make_surrogate
 from layershap.game.layer_game import LayerGame, bounded_nll
 from layershap.game.measure import evaluate_masks
@@ -32,28 +35,37 @@ class Refinement:
 
 
 def refine(game: LayerGame, store: EvaluationStore, masks: np.ndarray, nlls: np.ndarray, *, k: int,
-           budget: int, surrogate: str, seed: int, protect=(), start=(), seeds=(),
-           per_round: int | None = None) -> Refinement:
-    """Grow (masks, nlls) to `budget` masks with surrogate-chosen k-removal plans and pick the best measured.
+           budget: float, surrogate: str, seed: int, protect=(), start=(), seeds=(),
+           per_round: int | None = None, share: Callable[[np.ndarray], float] | None = None) -> Refinement:
+    """Grow (masks, nlls) until they have spent `budget` with surrogate-chosen k-removal plans and pick the
+    best measured.
 
     start: removal sets the surrogate search also polishes (e.g. the k lowest Shapley values);
-    seeds: removal sets measured on the real model before the first round, whatever the surrogate thinks.
+    seeds: removal sets measured on the real model before the first round, whatever the surrogate thinks;
+    share: what one mask costs against the budget (`estimate/budget.py`); by default 1, a budget of masks.
     """
     n = game.n_players
+    share = share or (lambda mask: 1.0)
+    plan_share = share(removal_mask(n, list(range(k))))  # every candidate removes exactly k players
     base = float(nlls[masks.all(axis=1)][0])
-    per_round = per_round or max(4, budget // 16)
+    per_round = per_round or max(4, int(budget) // 16)
     evaluations = rounds = 0
     masks, nlls = np.asarray(masks, dtype=bool), np.asarray(nlls, dtype=float)
     seen = {m.tobytes() for m in masks}
+
+    def affordable() -> int:
+        left = budget - spent(masks, share)
+        return max(0, math.floor((left + SPENT_TOLERANCE) / plan_share))
+
     first = list({m.tobytes(): m for m in (removal_mask(n, s) for s in seeds)
-                  if m.tobytes() not in seen}.values())[:max(0, budget - len(masks))]
-    while len(masks) < budget:
+                  if m.tobytes() not in seen}.values())[:affordable()]
+    while affordable() > 0:
         if first:
             candidates, first = first, []
         else:
             utilities = np.array([game.utility(v, base) for v in nlls])
             model = make_surrogate(surrogate, n, seed).fit(masks, utilities)
-            wanted = min(per_round, budget - len(masks))
+            wanted = min(per_round, affordable())
             best = best_measured(masks, nlls, k, protect, base)
             near = _unmeasured_neighbours(model.predict, masks, best, protect, wanted=(wanted + 1) // 2)
             far = _unmeasured_top_plans(model.predict, np.concatenate([masks, *[m[None] for m in near]]), n, k,

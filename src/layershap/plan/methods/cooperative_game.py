@@ -26,6 +26,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from layershap.estimate.budget import mask_share
 from layershap.estimate.pipeline import MIN_BUDGET, EstimateSettings, estimate, estimate_from_measurements
 from layershap.game.context import measurement_context
 from layershap.game.layer_game import LayerGame
@@ -60,7 +61,8 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
                        if confirming else 0)
             refined = refine(game, db, first.masks, first.nlls, k=k, budget=settings.budget - traced - reserve,
                              surrogate=settings.surrogate, seed=settings.seed, protect=protect,
-                             start=[lowest_scoring(first.shapley, k, protect)], seeds=seeds)
+                             start=[lowest_scoring(first.shapley, k, protect)], seeds=seeds,
+                             share=mask_share(n, settings.budget_unit))
             result = estimate_from_measurements(game.utility, refined.masks, refined.nlls, settings)
             result.evaluations, result.reused = first.evaluations + refined.evaluations, first.reused
             best = refined.best
