@@ -27,5 +27,27 @@ def test_summary_is_the_ratio_to_each_draws_best_rival():
     assert [d["best_rival"] for d in summary["draws"]] == ["shortgpt", "angular"]
     assert summary["mean_ratio"] == pytest.approx((0.9 + 1.1) / 2)
     assert summary["worst_ratio"] == pytest.approx(1.1)
-    rows = [{**r, "removed": [1], "cost": {"passes": 1, "token_passes": 10}} for r in rows]
+    rows = [{**r, "removed": [1], "cost": {"passes": 1, "token_passes": 10}, "seconds": 2.0} for r in rows]
     assert "| c4 | 7 | shapley+confirm | 0.900 (shortgpt), 1.100 (angular) | 1.000 | 1.100 |" in race.markdown(rows, [summary])
+
+
+def test_sleb_at_a_smaller_k_is_the_first_steps_of_the_longer_run(monkeypatch):
+    """SLEB is greedy: its plan at k is the first k steps of its run at a larger k, and so is its cost."""
+    import torch
+    from tiny_models import tiny_model
+
+    from layershap.data.windows import TextWindows
+    from layershap.plan.methods import select_layers
+    from layershap.plan.methods.sleb import sleb_passes
+
+    model = tiny_model("llama")
+    windows = TextWindows(torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0)),
+                          "random", "calibration", 0)
+    greedy = race.GreedySleb()
+    long = greedy.plan(model, windows, 3, 3)
+    short = greedy.plan(model, windows, 2, 3)
+    direct = select_layers("sleb", model, windows, 2)
+    assert short["removed"] == direct.remove
+    assert short["cost"]["passes"] == sleb_passes(6, 2) == direct.cost.passes
+    assert short["cost"]["token_passes"] == direct.cost.token_passes
+    assert long["cost"]["passes"] == sleb_passes(6, 3)
