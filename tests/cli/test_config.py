@@ -65,7 +65,7 @@ def test_config_file_command_line_precedence_and_reproduction(capsys, tiny_model
     assert code == 0, err
     run = tmp_path / "from-config"  # --out came from the file, --budget from the command line
     record = json.loads((run / "shapley.json").read_text())
-    assert record["masks"] == 20 and record["settings"]["sampler"] == "shapley"
+    assert record["settings"]["budget"] == 20 and record["settings"]["sampler"] == "shapley"
     assert set(record["versions"]) >= {"layershap", "torch", "transformers"}
 
     written = tomllib.loads((run / "config.toml").read_text())
