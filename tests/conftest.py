@@ -97,6 +97,27 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     return path
 
 
+SUBLAYERS_REMOVED = ("attn.0", "mlp.2", "attn.3", "mlp.3", "attn.5")  # single ones, and block 3 whole
+
+
+@pytest.fixture(scope="session")
+def sublayer_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Llama with single sublayers removed, saved as `prune --granularity sublayer` saves it:
+    layershap's modeling file, `auto_map`, tokenizer and a record."""
+    import numpy as np
+
+    from layershap.models.save import save_pruned
+    from layershap.models.sublayers import remove_sublayers, sublayer_names
+
+    path = tmp_path_factory.mktemp("tiny-llama-sublayers")
+    mask = np.array([name not in SUBLAYERS_REMOVED for name in sublayer_names(6)])
+    model = remove_sublayers(tiny_model("llama"), mask)
+    record = {"model": "tiny-llama", "model_type": "llama", "n_layers": 6, "granularity": "sublayer",
+              "removed": list(SUBLAYERS_REMOVED), "removed_sublayers": list(SUBLAYERS_REMOVED)}
+    save_pruned(model, tiny_tokenizer, path, record)
+    return path
+
+
 @pytest.fixture(scope="session")
 def long_text_file(tmp_path_factory):
     """Enough varied text for a few hundred windows of the tiny tokenizer."""

@@ -229,7 +229,6 @@ def _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters
     import numpy as np
 
     from layershap.game.backends import use_backend
-    from layershap.models.save_sublayers import save_sublayer_pruned
     from layershap.models.sublayers import remove_sublayers
     from layershap.plan.sublayer import sublayer_plan
 
@@ -269,7 +268,7 @@ def _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters
         "versions": versions(),
         "model_fingerprint": model_fp,
     }
-    save_sublayer_pruned(model, tokenizer, Path(out), record)
+    save_pruned(model, tokenizer, Path(out), record)
     write_run_config(out, "prune", {**parameters, "granularity": "sublayer"},
                      _provenance(model_fp, calibration, held_out, backend))
     return record

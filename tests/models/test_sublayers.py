@@ -183,7 +183,8 @@ def test_post_norm_opt_is_refused():
 def test_saved_sublayer_model_loads_with_remote_code_and_equals_skipping(family, tmp_path):
     import json
 
-    from layershap.models.save_sublayers import MODELING_FILE, save_sublayer_pruned
+    from layershap.models.save import save_pruned
+    from layershap.models.save_sublayers import MODELING_FILE
     from layershap.models.sublayers import remove_sublayers
 
     model = sub_model(family)
@@ -193,7 +194,7 @@ def test_saved_sublayer_model_loads_with_remote_code_and_equals_skipping(family,
         skipped_gen = generated_logits(model, ids[:, :12], True)
     pruned = remove_sublayers(copy.deepcopy(model), sub_mask())
     assert torch.equal(logits(pruned, ids), skipped)
-    out = save_sublayer_pruned(pruned, None, tmp_path / "out")
+    out = save_pruned(pruned, None, tmp_path / "out")
     config = json.loads((out / "config.json").read_text())
     assert config["layershap_removed_sublayers"] == ["attn.0", "mlp.2", "attn.4"]
     assert (out / MODELING_FILE).is_file()
@@ -208,12 +209,13 @@ def test_saved_sublayer_model_loads_with_remote_code_and_equals_skipping(family,
 
 
 def test_whole_block_sublayer_plan_saves_as_plain_transformers(tmp_path):
-    from layershap.models.save_sublayers import MODELING_FILE, save_sublayer_pruned
+    from layershap.models.save import save_pruned
+    from layershap.models.save_sublayers import MODELING_FILE
     from layershap.models.sublayers import remove_sublayers
 
     model = sub_model("llama")
     pruned = remove_sublayers(copy.deepcopy(model), sub_mask(["attn.1", "mlp.1"]))
-    out = save_sublayer_pruned(pruned, None, tmp_path / "out")
+    out = save_pruned(pruned, None, tmp_path / "out")
     assert not (out / MODELING_FILE).exists()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert reloaded.config.num_hidden_layers == N - 1

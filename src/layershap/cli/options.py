@@ -15,7 +15,9 @@ Model = Annotated[str | None, typer.Option(
 Dtype = Annotated[str, typer.Option(help="auto (float32 on CPU, checkpoint dtype on GPU), float32, bfloat16, "
                                          "float16.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the model repo.")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the model repo "
+                                                                         "(a directory layershap saved with "
+                                                                         "sublayers removed needs none).")]
 Data = Annotated[str, typer.Option(help="Calibration text: .txt/.jsonl file, packaged text (wiki, c4, code, "
                                         "tiny, technical, multilingual) or hub dataset (wikitext2, ptb, hf:c4), or a mixture "
                                         "of them: c4,wiki,code or weighted c4:2,wiki:1 (windows drawn "

@@ -33,8 +33,9 @@ def card_tags(record: dict) -> list[str]:
     return tags
 
 
-def model_card(record: dict) -> str:
-    """Markdown with YAML front matter that the Hugging Face Hub reads."""
+def model_card(record: dict, remote_code: bool = False) -> str:
+    """Markdown with YAML front matter that the Hugging Face Hub reads. remote_code: the directory holds
+    layershap's modeling file (single sublayers removed), so the snippet loads it with trust_remote_code."""
     base = base_model_id(record)
     front = {"library_name": "transformers", "tags": card_tags(record)}
     if base:
@@ -48,9 +49,14 @@ def model_card(record: dict) -> str:
             lines.append(f"{key}: {value}")
     lines += ["---", "", f"# {_title(record)}", ""]
     lines += provenance_lines(record)
-    lines += ["", "Load it with plain transformers:", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
+    if remote_code:
+        lines += ["", ("Single attention or MLP sublayers are removed, so the directory holds layershap's own "
+                       "modeling file (`modeling_layershap.py`); load it with `trust_remote_code=True`:")]
+    else:
+        lines += ["", "Load it with plain transformers:"]
+    trust = ", trust_remote_code=True" if remote_code else ""
+    lines += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory"{trust})',
               'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")', "```", "",
               "`layershap.json` beside this card holds the full record of the run.", ""]
     return "\n".join(lines)
@@ -60,7 +66,12 @@ def provenance_lines(record: dict) -> list[str]:
     """What was done, as Markdown bullets: plan, method, forward passes, perplexities before and after."""
     lines = [f"- Base model: {record.get('model', 'unknown')}"]
     removed = record.get("removed")
-    if removed is not None:
+    if record.get("granularity") == "sublayer" and removed is not None:
+        fraction = record.get("parameter_fraction_removed")
+        share = f" ({fraction:.1%} of the blocks' parameters)" if isinstance(fraction, float) else ""
+        lines.append(f"- Removed {len(removed)} attention and MLP sublayers of {record.get('n_layers')} blocks "
+                     f"(original block indices){share}: {', '.join(map(str, removed))}")
+    elif removed is not None:
         n = record.get("n_layers")
         lines.append(f"- Removed {len(removed)} of {n} blocks (original indices): {removed}; "
                      f"{(n - len(removed)) if n else '?'} blocks kept")
@@ -93,8 +104,11 @@ def provenance_lines(record: dict) -> list[str]:
 
 
 def write_model_card(out_dir, record: dict) -> Path:
+    """README.md in out_dir; written after the model, so that it sees whether the directory needs remote code."""
+    from layershap.models.save_sublayers import own_remote_code
+
     path = Path(out_dir) / "README.md"
-    path.write_text(model_card(record))
+    path.write_text(model_card(record, remote_code=own_remote_code(out_dir) is not None))
     return path
 
 
@@ -112,7 +126,8 @@ def _ppl_lines(label, before, after, evaluation, what) -> list[str]:
 def _title(record: dict) -> str:
     base = base_model_id(record) or Path(str(record.get("model", "model"))).name
     removed = record.get("removed")
-    return f"{base}, pruned by layershap" + (f" ({len(removed)} blocks removed)" if removed else "")
+    unit = "sublayers" if record.get("granularity") == "sublayer" else "blocks"
+    return f"{base}, pruned by layershap" + (f" ({len(removed)} {unit} removed)" if removed else "")
 
 
 def front_matter(text: str) -> dict:

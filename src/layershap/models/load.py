@@ -56,6 +56,9 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "a
     """Return `(model, tokenizer)` in eval mode on the chosen device.
 
     name: a Hugging Face id, a local directory, a `.gguf` file, or None for the embedded default model.
+    trust_remote_code: run code from the model's repository. A directory that layershap saved with single
+    sublayers removed is trusted without it when its modeling file is exactly layershap's own
+    (`save_sublayers.own_remote_code`), since transformers would otherwise load it wrongly without a word.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -65,7 +68,7 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "a
         source, kwargs = str(default_model_dir()), {}
     else:
         source, kwargs = _source_and_kwargs(name)
-    kwargs["trust_remote_code"] = trust_remote_code
+    kwargs["trust_remote_code"] = trust_remote_code or _trusts_own_code(name, source)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
@@ -112,6 +115,20 @@ def _source_and_kwargs(name: str) -> tuple[str, dict]:
     if name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1:
         raise LayershapError(f"model path {name} does not exist; check the path, or give a Hugging Face id")
     return name, {}
+
+
+def _trusts_own_code(name: str | None, source: str) -> bool:
+    """True for a local directory whose remote code is layershap's own; refuses one whose config points at
+    layershap's modeling file while the file there is not the one this layershap writes."""
+    from layershap.models.save_sublayers import MODELING_FILE, own_remote_code
+
+    if name is None or not Path(source).is_dir():
+        return False
+    own = own_remote_code(source)
+    if own is False:
+        raise LayershapError(f"{name} holds a {MODELING_FILE} that is not the one this layershap writes (an older "
+                             "layershap's, or edited); pass --trust-remote-code if you trust it")
+    return bool(own)
 
 
 def _load_failure(name: str | None, exc: Exception) -> str:

@@ -1,4 +1,9 @@
-"""Write a pruned model as a checkpoint that plain `transformers` loads, with a record of what was done."""
+"""Write a pruned model as a checkpoint that plain `transformers` loads, with a record of what was done.
+
+A model with single attention or MLP sublayers removed gets layershap's own modeling file beside its weights
+(`save_sublayers.py`): every command that saves (prune, heal, quantize) goes through `save_pruned`, so a
+sublayer-pruned model stays loadable after healing or quantizing.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,13 @@ import torch
 from layershap.io import read_json, write_json
 from layershap.models.card import write_model_card
 from layershap.models.layers import check_editable
+from layershap.models.save_sublayers import MODELING_FILE, mark_remote_code
 
 
 def save_pruned(model, tokenizer, out_dir, record: dict | None = None, *, keep_checkpoint_dtype: bool = True) -> Path:
     """`save_pretrained` the model and tokenizer into out_dir and write `layershap.json` and a model card
-    (`README.md`, `models/card.py`) from `record` beside them.
+    (`README.md`, `models/card.py`) from `record` beside them. A model with single sublayers removed also
+    gets layershap's modeling file and the config's `auto_map` (it then loads with trust_remote_code).
 
     A model that `load_model` widened to float32 (the CPU default) is written in its checkpoint's own
     precision again (`saved_dtype`): a bfloat16 checkpoint pruned on a laptop must not come back at twice its
@@ -26,6 +33,7 @@ def save_pruned(model, tokenizer, out_dir, record: dict | None = None, *, keep_c
     check_editable(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remote_code = mark_remote_code(model)
     dtype = saved_dtype(model) if keep_checkpoint_dtype else None
     if dtype is None:
         model.save_pretrained(out)
@@ -34,6 +42,8 @@ def save_pruned(model, tokenizer, out_dir, record: dict | None = None, *, keep_c
                  for name, tensor in model.state_dict().items()}
         model.save_pretrained(out, state_dict=state)
         _write_config_dtype(out, dtype)  # save_pretrained writes the dtype of the model in memory
+    if remote_code is not None:  # transformers copies a remote-code model's file too; ours is written anyway
+        (out / MODELING_FILE).write_text(remote_code)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if record is not None:
