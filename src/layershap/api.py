@@ -37,7 +37,7 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
 
     granularity: "block" removes round(ratio * n) blocks; "sublayer" removes attention and MLP sublayers whose
     parameters add up to at least ratio of the blocks' (`layershap.plan.sublayer`), and saves a directory that
-    loads with trust_remote_code when single sublayers go.
+    loads with trust_remote_code when single sublayers go (and still does with --quantize).
 
     plan_file: the `layershap.json` of an earlier run (or its directory): its blocks are removed without
     choosing again (ratio may then be None; method, forward passes and scores come from the plan).
@@ -60,9 +60,6 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
         from layershap.models.sublayers import check_sublayers
 
         check_sublayers(model)
-        if quantize is not None:
-            raise LayershapError("--quantize with --granularity sublayer is not supported yet; quantize the saved "
-                                 "directory afterwards")
         if plan_file is not None or writes_gguf:
             raise LayershapError("--plan and a GGUF --out take whole blocks; drop --granularity sublayer")
     gguf_source = gguf_source_for(model_name, quantize) if writes_gguf else None
@@ -97,7 +94,7 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
     if granularity == "sublayer":
         return _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters, model_fp, backend,
                                 ratio=ratio, method=method, out=out, protect=protected, model_name=model_name,
-                                seed=seed, batch_size=batch_size, **method_options)
+                                seed=seed, batch_size=batch_size, quantize=quantize, **method_options)
     if chosen is not None:
         plan = _plan_from_record(chosen, n)
     else:
@@ -139,17 +136,23 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
         write_run_config(out, "prune", parameters, _provenance(model_fp, calibration, held_out, backend),
                          path=gguf_sidecar(out, "config.toml"))
         return record
-    if quantize is None:
-        save_pruned(model, tokenizer, Path(out), record)
-    else:
-        from layershap.transform.quantize import quantize_model, save_quantized
-
-        quantize_model(model, quantize)
-        record["quantization"] = {"ppl": perplexities_of(model, held_out, batch_size=batch_size)}
-        save_quantized(model, tokenizer, Path(out), record)
-        record = read_json(Path(out) / "layershap.json")
+    record = _save(model, tokenizer, out, record, quantize, held_out, batch_size)
     write_run_config(out, "prune", parameters, _provenance(model_fp, calibration, held_out, backend))
     return record
+
+
+def _save(model, tokenizer, out, record: dict, quantize: str | None, held_out: dict, batch_size: int) -> dict:
+    """Save the pruned model (quantized first with --quantize, its held-out perplexity then recorded too) and
+    return the record as written; a model with single sublayers removed keeps its modeling file either way."""
+    if quantize is None:
+        save_pruned(model, tokenizer, Path(out), record)
+        return record
+    from layershap.transform.quantize import quantize_model, save_quantized
+
+    quantize_model(model, quantize)
+    record["quantization"] = {"ppl": perplexities_of(model, held_out, batch_size=batch_size)}
+    save_quantized(model, tokenizer, Path(out), record)
+    return read_json(Path(out) / "layershap.json")
 
 
 def wants_gguf(out, out_format: str | None) -> bool:
@@ -224,7 +227,7 @@ def _plan_from_record(record: dict, n: int):
 
 
 def _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters, model_fp, backend, *, ratio,
-                     method, out, protect, model_name, seed, batch_size, **method_options) -> dict:
+                     method, out, protect, model_name, seed, batch_size, quantize=None, **method_options) -> dict:
     """`prune_model` with --granularity sublayer: plan over 2n players, remove, save, record."""
     import numpy as np
 
@@ -268,7 +271,7 @@ def _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters
         "versions": versions(),
         "model_fingerprint": model_fp,
     }
-    save_pruned(model, tokenizer, Path(out), record)
+    record = _save(model, tokenizer, out, record, quantize, held_out, batch_size)
     write_run_config(out, "prune", {**parameters, "granularity": "sublayer"},
                      _provenance(model_fp, calibration, held_out, backend))
     return record

@@ -44,6 +44,27 @@ def test_prune_sublayers(capsys, tiny_model_dir, long_text_file, tmp_path):
     assert ppl == pytest.approx(record["ppl_after"][str(long_text_file)], rel=1e-5)
 
 
+def test_prune_sublayers_then_quantize(capsys, tiny_model_dir, long_text_file, tmp_path):
+    pytest.importorskip("torchao")
+    out = tmp_path / "subq"
+    code, stdout, err = run_cli(["prune", "--granularity", "sublayer", "--ratio", "0.25", "--budget", 20,
+                                 "--quantize", "int8", *WINDOWS, *_common(tiny_model_dir, long_text_file),
+                                 "--out", out], capsys)
+    assert code == 0, err
+    assert "after int8" in stdout
+    record = json.loads((out / "layershap.json").read_text())
+    assert record["granularity"] == "sublayer" and record["quantization"]["scheme"] == "int8"
+    assert (out / "modeling_layershap.py").is_file() and "auto_map" in json.loads((out / "config.json").read_text())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(reloaded).__module__.endswith("modeling_layershap")
+    assert type(reloaded.model.layers[0].mlp.up_proj.weight).__name__ != "Parameter"  # quantized
+    code, stdout, err = run_cli(["ppl", "--model", out, "--data", long_text_file, "--samples", 2, "--seq-len", 16,
+                                 "--json"], capsys)
+    assert code == 0, err
+    ppl = json.loads(stdout)["ppl"][str(long_text_file)]
+    assert ppl == pytest.approx(record["quantization"]["ppl"][str(long_text_file)], rel=1e-5)
+
+
 def test_recurrent_model_refuses_sublayers(capsys, tiny_tokenizer, long_text_file, tmp_path):
     path = tmp_path / "mamba"
     tiny_model("mamba").save_pretrained(path)
