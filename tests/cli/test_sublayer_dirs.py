@@ -1,4 +1,4 @@
-"""ppl, eval, quantize and heal on a directory saved with single sublayers removed, without
+"""ppl, eval, bench, quantize and heal on a directory saved with single sublayers removed, without
 --trust-remote-code: layershap trusts its own modeling file (models/save_sublayers.py), and what quantize and
 heal write from such a directory keeps that file and its `auto_map`, so it loads again."""
 
@@ -9,9 +9,12 @@ import json
 import pytest
 import transformers
 from conftest import run_cli
+from tiny_models import tiny_model
 
 from layershap.data.tasks import utils as task_data
 from layershap.evaluate.perplexity import perplexities
+from layershap.models.layers import prune_layers
+from layershap.models.save import save_pruned
 from layershap.models.save_sublayers import own_remote_code
 
 REMOVED = ["attn.0", "mlp.2", "attn.4"]  # by block position after block 3 went whole
@@ -55,6 +58,29 @@ def test_eval_on_a_sublayer_directory(capsys, sublayer_model_dir):
     assert code == 0, err
     report = json.loads(out)
     assert report["piqa"]["n"] == 2 and 0 <= report["average"] <= 1
+
+
+def test_bench_reports_kv_cache_and_parameters_of_dense_block_and_sublayer_plans(
+        capsys, tiny_model_dir, sublayer_model_dir, tiny_tokenizer, tmp_path):
+    block = save_pruned(prune_layers(tiny_model("llama"), [2, 3]), tiny_tokenizer, tmp_path / "block")
+    fast = ["--batch-sizes", 1, "--prompt-len", 4, "--new-tokens", 2, "--repeats", 1, "--warmup", 0]
+    code, out, err = run_cli(["bench", "--baseline", tiny_model_dir, "--baseline", block, "--model",
+                              sublayer_model_dir, *fast, "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert list(result["results"]) == ["baseline", "baseline2", "model"]
+    rows = {row["name"]: row for row in result["comparison"]}
+    per_layer = 2 * 2 * 8 * 4  # keys and values x 2 KV heads x head size 8 x float32
+    assert rows["baseline"]["kv_cache_bytes_per_token"] == 6 * per_layer
+    assert rows["baseline2"]["kv_cache_bytes_per_token"] == 4 * per_layer
+    # 5 blocks left, two of them without their attention: 3 caches
+    assert rows["model"]["kv_cache_bytes_per_token"] == 3 * per_layer
+    assert rows["model"]["kv_cache_ratio"] == 0.5
+    assert rows["model"]["params_ratio"] < rows["baseline2"]["params_ratio"] < 1.0
+    code, out, err = run_cli(["bench", "--baseline", tiny_model_dir, "--model", sublayer_model_dir, *fast], capsys)
+    assert code == 0, err
+    assert any(line.split()[1:] == [str(6 * per_layer), str(3 * per_layer)] for line in out.splitlines()
+               if line.startswith("kv_cache_bytes_per_token"))
 
 
 def test_quantize_a_sublayer_directory(capsys, sublayer_model_dir, long_text_file, tmp_path):

@@ -13,12 +13,21 @@ import torch
 from tiny_models import tiny_model
 
 import layershap
-from layershap.evaluate.bench import RWKV_NOTE, bench, compare_bench, disk_bytes, param_counts, weight_files
+from layershap.evaluate.bench import (
+    RWKV_NOTE,
+    bench,
+    compare_bench,
+    disk_bytes,
+    kv_cache_per_token,
+    param_counts,
+    weight_files,
+)
 
 FAST = {"prompt_len": 8, "new_tokens": 3, "repeats": 1, "warmup": 0}
 TOP_KEYS = {"model_type", "architecture_kind", "num_layers", "device", "dtype", "torch_threads", "prompt_len",
             "new_tokens", "repeats", "warmup", "seed", "prefill_ms", "decode_ms_per_token", "decode_method",
-            "throughput", "params_total", "params_blocks", "params_outside_blocks", "model_dir", "disk_bytes",
+            "throughput", "params_total", "params_blocks", "params_outside_blocks", "kv_cache_layers",
+            "kv_cache_bytes_per_token", "model_dir", "disk_bytes",
             "peak_memory_bytes", "peak_memory_kind", "memory_before_bytes", "notes"}
 BATCH_KEYS = {"batch_size", "generate_ms", "time_to_first_token_ms", "decode_ms_per_token", "tokens_per_s",
               "decode_tokens_per_s"}
@@ -76,6 +85,46 @@ def test_tied_weights_count_once():
     assert counts["params_outside_blocks"] == counts["params_total"] - counts["params_blocks"]
 
 
+def measured_cache_bytes_per_token(model, length: int = 5) -> int:
+    """Bytes the model's cache actually holds after a pass over `length` tokens, per token."""
+    with torch.no_grad():
+        cache = model(input_ids=torch.arange(1, length + 1)[None], use_cache=True).past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
+    assert held % length == 0
+    return held // length
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gpt2", "opt", "gpt_neox", "phi3"])
+def test_kv_cache_per_token_is_what_the_cache_holds(model_type):
+    model = tiny_model(model_type)
+    figures = kv_cache_per_token(model)
+    assert figures["kv_cache_layers"] == 6
+    assert figures["kv_cache_bytes_per_token"] == measured_cache_bytes_per_token(model) > 0
+    pruned = layershap.prune_layers(model, remove=[0, 1])
+    assert kv_cache_per_token(pruned)["kv_cache_bytes_per_token"] == figures["kv_cache_bytes_per_token"] * 4 // 6
+
+
+def test_kv_cache_of_a_sublayer_plan_leaves_out_removed_attentions():
+    from layershap.models.sublayers import keep_sublayers, remove_sublayers
+
+    model = tiny_model("llama")
+    mask = [True] * 12
+    mask[0] = mask[6] = mask[7] = mask[9] = False  # attn.0, block 3 whole, mlp.4 (its attention stays)
+    dense = kv_cache_per_token(model)["kv_cache_bytes_per_token"]
+    with keep_sublayers(model, mask):
+        skipped = kv_cache_per_token(model)
+        assert skipped == {"kv_cache_layers": 4, "kv_cache_bytes_per_token": dense * 4 // 6}
+        assert measured_cache_bytes_per_token(model) == skipped["kv_cache_bytes_per_token"]
+    assert kv_cache_per_token(remove_sublayers(copy.deepcopy(model), mask)) == skipped
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert kv_cache_per_token(half)["kv_cache_bytes_per_token"] == dense // 2
+
+
+def test_recurrent_state_does_not_grow_per_token():
+    assert kv_cache_per_token(tiny_model("mamba")) == {"kv_cache_layers": 0, "kv_cache_bytes_per_token": 0}
+
+
 def test_disk_size_of_a_saved_checkpoint(tmp_path):
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "ckpt")
@@ -117,17 +166,18 @@ def test_weight_files_choice(tmp_path):
         disk_bytes(tmp_path / "missing")
 
 
-def _result(prefill, decode, tps, params, disk, memory, kind="cpu_peak_rss_growth"):
+def _result(prefill, decode, tps, params, disk, memory, kind="cpu_peak_rss_growth", kv=None):
     return {"device": "cpu", "dtype": "float32", "num_layers": 6, "prefill_ms": prefill,
             "decode_ms_per_token": decode,
             "throughput": [{"batch_size": bs, "tokens_per_s": v} for bs, v in tps.items()],
-            "params_total": params, "disk_bytes": disk, "peak_memory_bytes": memory, "peak_memory_kind": kind}
+            "params_total": params, "kv_cache_bytes_per_token": kv, "disk_bytes": disk, "peak_memory_bytes": memory,
+            "peak_memory_kind": kind}
 
 
 def test_compare_bench_ratios():
     rows = compare_bench({
-        "dense": _result(10.0, 2.0, {1: 100.0, 4: 300.0}, 1000, 4000, 800),
-        "pruned": _result(5.0, 1.6, {1: 125.0, 4: 450.0}, 600, 2400, 400),
+        "dense": _result(10.0, 2.0, {1: 100.0, 4: 300.0}, 1000, 4000, 800, kv=768),
+        "pruned": _result(5.0, 1.6, {1: 125.0, 4: 450.0}, 600, 2400, 400, kv=384),
         "pruned+int8": _result(8.0, 1.0, {1: 150.0}, 600, 600, 1200, kind="cuda_max_memory_allocated"),
         "no disk": _result(20.0, 4.0, {1: 50.0, 4: 0.0}, 1000, None, 0),
     })
@@ -135,8 +185,10 @@ def test_compare_bench_ratios():
     dense, pruned, int8, nodisk = rows
 
     for key in ("prefill_speedup", "decode_speedup", "throughput_speedup_bs1", "throughput_speedup_bs4",
-                "params_ratio", "disk_ratio", "memory_ratio"):
+                "params_ratio", "kv_cache_ratio", "disk_ratio", "memory_ratio"):
         assert dense[key] == 1.0
+    assert pruned["kv_cache_bytes_per_token"] == 384 and pruned["kv_cache_ratio"] == 0.5
+    assert rows[2]["kv_cache_ratio"] is None  # not known for it
     assert pruned["prefill_speedup"] == pytest.approx(2.0)
     assert pruned["decode_speedup"] == pytest.approx(1.25)
     assert pruned["tokens_per_s_bs4"] == 450.0

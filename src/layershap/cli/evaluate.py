@@ -182,9 +182,10 @@ def eval_command(tasks: Tasks = "piqa,hellaswag,winogrande,arc_easy,arc_challeng
 
 
 def bench_command(model: Model = None,
-                  baseline: Annotated[str | None, typer.Option(help="A second model to measure first and "
-                                                                     "compare against (e.g. the dense one).")]
-                  = None,
+                  baseline: Annotated[list[str] | None, typer.Option(
+                      help="A model to measure first and compare against (e.g. the dense one); repeat it for "
+                           "more columns (dense, then the block plan, then --model the sublayer plan): ratios "
+                           "are against the first.")] = None,
                   batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes "
                                                                                  "for throughput.")] = "1,4",
                   prompt_len: Annotated[int, typer.Option("--prompt-len", help="Prompt tokens.")] = 128,
@@ -194,16 +195,15 @@ def bench_command(model: Model = None,
                   seed: Seed = 0, dtype: Dtype = "auto", device: Device = "auto",
                   trust_remote_code: TrustRemoteCode = False, as_json: AsJson = False,
                   config: ConfigOption = None):
-    """Latency, throughput, parameters, size on disk and peak memory, side by side with --baseline."""
+    """Latency, throughput, parameters, KV cache per token, size on disk and peak memory, side by side with
+    --baseline."""
     import gc
 
     from layershap.evaluate.bench import _check_settings, bench, compare_bench
 
     sizes = _positive_ints(batch_sizes, "--batch-sizes")
     _check_settings(sizes, prompt_len, new_tokens, repeats, warmup)
-    named = {}
-    if baseline is not None:
-        named["baseline"] = baseline
+    named = {("baseline" if i == 0 else f"baseline{i + 1}"): name for i, name in enumerate(baseline or [])}
     named["model"] = model
     results = {}
     for label, name in named.items():

@@ -1,4 +1,5 @@
-"""How fast and how big a model is: latency, throughput, parameters, size on disk and peak memory.
+"""How fast and how big a model is: latency, throughput, parameters, KV cache per token, size on disk and peak
+memory.
 
 `bench` measures one model on its own device; `compare_bench` lines several results up against the first
 (e.g. dense, pruned, pruned+int8) with ratios, ready for a table.
@@ -21,6 +22,12 @@ What is measured, all under `torch.inference_mode()` after `warmup` untimed runs
   size 1 only: upstream stateful generation is wrong for batch > 1; the result's `notes` say so.
 - parameters in total, inside the decoder blocks, and outside them (embeddings, final norm, head; tied
   weights counted once).
+- `kv_cache_bytes_per_token`: what the KV cache grows by per token of context, read off the config, not
+  measured: kept attention layers x 2 (keys and values) x key-value heads x head size x the model's bytes per
+  element. An attention a sublayer plan removed keeps no cache (`kv_sharing_modes` "reuse"), so it does not
+  count, while a block plan removes whole blocks, attention and cache included. A recurrent model's state does
+  not grow with the context: 0. A sliding-window layer stops growing at its window, which this per-token
+  figure does not show.
 - `disk_bytes`: the weight files of `model_dir` (`*.safetensors`, or `*.bin` when there are none).
 - peak memory, labelled by `peak_memory_kind`: on CUDA `torch.cuda.max_memory_allocated` over the run
   (absolute, so it includes the weights); on CPU the growth of the process's peak resident set size over
@@ -105,6 +112,7 @@ def bench(model, *, batch_sizes: Sequence[int] = (1, 4), prompt_len: int = 128, 
         "decode_method": DECODE_METHOD,
         "throughput": throughput,
         **param_counts(model),
+        **kv_cache_per_token(model),
         "model_dir": str(model_dir) if model_dir is not None else None,
         "disk_bytes": disk,
         "peak_memory_bytes": memory.peak_bytes,
@@ -118,7 +126,7 @@ def compare_bench(results: dict[str, dict]) -> list[dict]:
     """One flat row per named result, with ratios against the first one (the baseline).
 
     Speedups are baseline latency / latency (or throughput / baseline throughput), so above 1 is faster;
-    `params_ratio`, `disk_ratio` and `memory_ratio` are value / baseline value, so below 1 is smaller. A
+    `params_ratio`, `kv_cache_ratio`, `disk_ratio` and `memory_ratio` are value / baseline value, so below 1 is smaller. A
     ratio is None when either side is missing or zero, and `memory_ratio` is None when the two peaks were
     measured differently (`peak_memory_kind`).
     """
@@ -153,6 +161,8 @@ def compare_bench(results: dict[str, dict]) -> list[dict]:
         row.update({
             "params_total": r.get("params_total"),
             "params_ratio": _ratio(r.get("params_total"), base.get("params_total")),
+            "kv_cache_bytes_per_token": r.get("kv_cache_bytes_per_token"),
+            "kv_cache_ratio": _ratio(r.get("kv_cache_bytes_per_token"), base.get("kv_cache_bytes_per_token")),
             "disk_bytes": r.get("disk_bytes"),
             "disk_ratio": _ratio(r.get("disk_bytes"), base.get("disk_bytes")),
             "peak_memory_bytes": r.get("peak_memory_bytes"),
@@ -170,6 +180,25 @@ def param_counts(model) -> dict:
     total = sum(p.numel() for p in model.parameters())
     blocks = sum(p.numel() for p in block_list(model).parameters())
     return {"params_total": total, "params_blocks": blocks, "params_outside_blocks": total - blocks}
+
+
+def kv_cache_per_token(model) -> dict:
+    """The layers that keep a KV cache and the bytes the cache grows by per token (see the module docstring)."""
+    from layershap.models.architectures import architecture_of
+    from layershap.models.layers import num_layers
+    from layershap.models.sublayers import KV_CACHE_KEY
+
+    if architecture_of(model).kind != "transformer":
+        return {"kv_cache_layers": 0, "kv_cache_bytes_per_token": 0}
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = num_layers(model)
+    modes = getattr(config, KV_CACHE_KEY, None)
+    layers = n - (sum(mode == "reuse" for mode in modes) if isinstance(modes, list) and len(modes) == n else 0)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = getattr(torch, _dtype_name(model)).itemsize
+    return {"kv_cache_layers": layers, "kv_cache_bytes_per_token": layers * 2 * kv_heads * head_dim * element}
 
 
 def weight_files(model_dir: str | os.PathLike) -> list[Path]:
