@@ -263,6 +263,7 @@ def _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters
         "ppl_before": before,
         "ppl_after": after,
         "forward_passes": plan.forward_passes,
+        "cost": asdict(plan.cost) if plan.cost is not None else None,
         "seconds": seconds,
         "plan": details,
         "calibration": calibration.describe(),

@@ -33,6 +33,9 @@ def test_prune_sublayers(capsys, tiny_model_dir, long_text_file, tmp_path):
     # the block plan of the same ratio is measured, and the chosen plan is never worse on calibration
     assert plan["measured_calibration_ppl"] <= plan["block_plan"]["measured_calibration_ppl"]
     assert 0 <= record["kv_cache_fraction_removed"] <= 1
+    cost = record["cost"]  # a cold store: everything used was paid; the block plan's passes are in it
+    assert record["forward_passes"] == cost["passes"] == cost["paid_passes"] > plan["block_plan"]["forward_passes"]
+    assert cost["token_passes"] == cost["paid_token_passes"] > plan["block_plan"]["cost"]["token_passes"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     with torch.no_grad():
         generated = reloaded.generate(torch.arange(1, 6)[None], max_new_tokens=4, do_sample=False)

@@ -44,6 +44,9 @@ def test_compare_sublayer_api(tiny_tokenizer, long_text_file, tmp_path):
     assert math.isclose(rows["last"]["parameter_fraction_removed"], 2 / 6)
     assert rows["shapley-block"]["granularity"] == "block" and len(rows["shapley-block"]["removed"]) == 2
     assert rows["shapley"]["forward_passes"] > rows["shapley-block"]["forward_passes"] > 0
+    for name in ("llmdrop", "last", "shapley", "shapley-block"):  # every row says what choosing it cost
+        assert rows[name]["cost"]["passes"] == rows[name]["forward_passes"]
+    assert rows["shapley"]["cost"]["token_passes"] > rows["shapley-block"]["cost"]["token_passes"]
     assert "KV cache removed" in (tmp_path / "compare.md").read_text()
     assert "kv_cache_fraction_removed" in (tmp_path / "compare.csv").read_text().splitlines()[0]
     assert json.loads((tmp_path / "compare.json").read_text())["granularity"] == "sublayer"

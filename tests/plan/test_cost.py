@@ -9,6 +9,7 @@ from tiny_models import VOCAB, tiny_model
 
 from layershap.data.windows import TextWindows
 from layershap.estimate.pipeline import EstimateSettings
+from layershap.game.store import mask_key
 from layershap.plan.methods import select_layers
 from layershap.plan.methods.base import Cost
 from layershap.plan.methods.sleb import sleb_passes
@@ -83,3 +84,35 @@ def test_compare_reports_cost_columns(llama, windows, tmp_path):
     assert f",{plan.cost.token_passes},{plan.cost.paid_passes}," in csv.splitlines()[2]
     assert "token-passes (M)" in markdown_table(record)
     assert np.isfinite(plan.cost.token_passes)
+
+
+def test_a_sublayer_counts_half_a_block():
+    cost = Cost()
+    whole = np.ones(2 * N, dtype=bool)
+    one_attn_gone = whole.copy()
+    one_attn_gone[0] = False
+    blocks_gone = whole.copy()
+    blocks_gone[[2, 3, 4, 5]] = False  # blocks 1 and 2 whole: as the block mask of 4 blocks
+    cost.add_sublayer_masks([whole, one_attn_gone, blocks_gone], 10, stored={mask_key(whole)})
+    assert cost.token_passes == 10 * (N + 1) + 10 * (N + 0.5) + 10 * (N - 2 + 1)
+    assert (cost.passes, cost.paid_passes) == (3, 2)
+    assert cost.paid_token_passes == 10 * (N + 0.5) + 10 * (N - 1)
+    odd = Cost()
+    odd.add_sublayer_masks([one_attn_gone], 3)  # 3 x 6.5 = 19.5, rounded up to a whole token-pass
+    assert odd.token_passes == 20
+
+
+def test_sublayer_rivals_count_their_cost(llama, windows, tmp_path):
+    from layershap.plan.sublayer import select_sublayers
+
+    drop = select_sublayers("llmdrop", llama, windows, 0.2)
+    assert (drop.cost.passes, drop.cost.token_passes) == (1, TOKENS * (N + 1)) and not drop.cost.estimated
+    store = tmp_path / "s.sqlite"
+    cold = select_sublayers("blockpruner", llama, windows, 0.2, store=store)
+    warm = select_sublayers("blockpruner", llama, windows, 0.2, store=store)
+    assert cold.cost.passes == warm.cost.passes == cold.forward_passes
+    assert cold.cost.paid_passes == cold.cost.passes and warm.cost.paid_passes == 0
+    assert cold.cost.token_passes == warm.cost.token_passes
+    # every blockpruner trial keeps 2n - step - 1 sublayers
+    steps = [entry["candidates"] for entry in cold.details["steps"]]
+    assert cold.cost.token_passes == sum(c * -(-TOKENS * (2 * N - t - 1 + 2) // 2) for t, c in enumerate(steps))

@@ -283,7 +283,8 @@ def _sublayer_rows(model, calibration, method: str, ratio: float, k_block: int, 
         mask = sublayer_mask_of_blocks(n, plan.remove)
         return [{"method": method, "granularity": "block", "ratio": ratio, "k": k_block,
                  "removed": list(plan.remove), "kept": plan.kept, **_fractions(sublayer_record(model, mask)),
-                 **measure(mask), "forward_passes": plan.forward_passes, "seconds": time.perf_counter() - chosen,
+                 **measure(mask), "forward_passes": plan.forward_passes, "cost": _cost(plan),
+                 "seconds": time.perf_counter() - chosen,
                  "scores": plan.scores, "details": plan.details}]
     plan = select_sublayers(method, model, calibration, ratio, **options)
     seconds = time.perf_counter() - chosen
@@ -292,7 +293,8 @@ def _sublayer_rows(model, calibration, method: str, ratio: float, k_block: int, 
     record = sublayer_record(model, mask)
     rows = [{"method": method, "granularity": "sublayer", "ratio": ratio, "k": len(plan.remove),
              "removed": record["removed_sublayers"], "kept": [j for j in range(2 * n) if mask[j]],
-             **_fractions(record), **measure(mask), "forward_passes": plan.forward_passes, "seconds": seconds,
+             **_fractions(record), **measure(mask), "forward_passes": plan.forward_passes, "cost": _cost(plan),
+             "seconds": seconds,
              "scores": plan.scores, "details": plan.details}]
     block = plan.details.get("block_plan")
     if block is not None:
@@ -300,9 +302,14 @@ def _sublayer_rows(model, calibration, method: str, ratio: float, k_block: int, 
         rows.append({"method": f"{method}-block", "granularity": "block", "ratio": ratio, "k": len(block["removed"]),
                      "removed": list(block["removed"]), "kept": [i for i in range(n) if i not in block["removed"]],
                      **_fractions(sublayer_record(model, block_mask)), **measure(block_mask),
-                     "forward_passes": block["forward_passes"], "seconds": 0.0, "scores": None,
+                     "forward_passes": block["forward_passes"], "cost": block.get("cost"), "seconds": 0.0,
+                     "scores": None,
                      "details": {"seed_of": method, "measured_calibration_ppl": block["measured_calibration_ppl"]}})
     return rows
+
+
+def _cost(plan) -> dict | None:
+    return asdict(plan.cost) if plan.cost is not None else None
 
 
 def _fractions(record: dict) -> dict:

@@ -20,6 +20,10 @@ class Cost:
     (new only). On a cold store the two agree; a rerun on a warm store uses the same and pays less, so the
     used figures are the method's cost and mean the same on every store. `estimated`: the method counted
     only passes, and the token-passes assume every pass ran the full model.
+
+    Sublayer masks (2n entries, `add_sublayer_masks`): an attention or an MLP sublayer counts as half a block
+    (the two halves of a block as the whole block, so a sublayer mask that keeps or drops blocks whole costs
+    what its block mask costs), the head as one block.
     """
 
     passes: int = 0
@@ -42,6 +46,24 @@ class Cost:
 
         for mask in masks:
             self.add(tokens, int(np.sum(mask)) + 1, paid=mask_key(mask) not in stored)
+
+    def add_sublayer_masks(self, masks, tokens: int, *, stored=frozenset()) -> None:
+        """Count one pass per 2n sublayer keep-mask: tokens x (kept sublayers / 2 + 1) token-passes (half a
+        block per sublayer, one for the head), rounded up to a whole token-pass; paid unless its key is in
+        `stored`."""
+        from layershap.game.store import mask_key
+
+        for mask in masks:
+            token_passes = -(-tokens * (int(np.sum(mask)) + 2) // 2)
+            self.add(token_passes, 1, paid=mask_key(mask) not in stored)
+
+    def include(self, other: Cost) -> None:
+        """Add another cost (a step of the method that counted its own, e.g. the block plan it starts from)."""
+        self.passes += other.passes
+        self.token_passes += other.token_passes
+        self.paid_passes += other.paid_passes
+        self.paid_token_passes += other.paid_token_passes
+        self.estimated = self.estimated or other.estimated
 
     @classmethod
     def full_passes(cls, passes: int, tokens: int, n_layers: int, *, estimated: bool = False) -> Cost:

@@ -12,19 +12,26 @@ parameters, so the constraint is on parameters (`removed_parameters >= ratio * b
    surrogate's hill climbs from the start plans (the block plan, the lowest values per parameter, the lowest
    attentions first);
 4. the best *measured* feasible plan wins, so it is never worse on calibration than the block plan.
+
+Cost (`Plan.cost`, `plan/cost.py`): the block plan's own cost (its block game's masks, used and paid as that
+method counts them) plus every distinct sublayer mask the search relied on, each one pass of tokens x (kept
+sublayers / 2 + 1) token-passes: an attention or an MLP sublayer is half a block, the head one block. Used
+whether measured now or served from the store, paid only when this run measured it. `forward_passes` is the
+used passes, as for the block methods.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 
 from layershap.errors import LayershapError
 from layershap.estimate.pipeline import MIN_BUDGET, EstimateSettings, estimate, estimate_from_measurements
 from layershap.estimate.surrogate import make_surrogate
+from layershap.game.context import measurement_context
 from layershap.game.layer_game import LayerGame, bounded_nll
 from layershap.game.measure import evaluate_masks
 from layershap.game.store import open_store
@@ -35,7 +42,9 @@ from layershap.models.sublayers import (
     sublayer_names,
     sublayer_parameters,
 )
+from layershap.plan.cost import Cost
 from layershap.plan.methods import select_layers
+from layershap.plan.methods._common import tokens_of
 from layershap.plan.methods.base import Plan
 from layershap.plan.methods.blockpruner import blockpruner
 from layershap.plan.methods.llm_drop import llm_drop
@@ -72,6 +81,7 @@ def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | 
     block_mask = sublayer_mask_of_blocks(n, block.remove)
     game = LayerGame(model, windows, utility=settings.utility, batch_size=batch_size, granularity="sublayer")
     with open_store(model, store) as db:
+        stored = set(db.all_nlls(measurement_context(game)))
         first = estimate(game, db, replace(settings, budget=max(MIN_BUDGET, settings.budget // 2),
                                            target_removed=2 * k_block))
         masks, nlls = first.masks, first.nlls
@@ -103,6 +113,10 @@ def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | 
         best = best_feasible(masks, nlls, params, target, base)
         result = estimate_from_measurements(game.utility, masks, nlls, settings)
     nll_of = {m.tobytes(): float(v) for m, v in zip(masks, nlls)}
+    distinct = list({m.tobytes(): m for m in masks}.values())
+    cost = Cost()
+    cost.include(block.cost)
+    cost.add_sublayer_masks(distinct, int(tokens_of(windows).numel()), stored=stored)
     remove = [int(j) for j in np.flatnonzero(~best)]
     names = sublayer_names(n)
     details = {
@@ -114,16 +128,17 @@ def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | 
         "block_plan": {"method": block_method, "removed": block.remove,
                        "measured_calibration_ppl": _ppl(nll_of[block_mask.tobytes()]),
                        "forward_passes": block.forward_passes,
+                       "cost": asdict(block.cost),
                        "masks_used": block.details.get("estimate", {}).get("masks", block.forward_passes)},
-        "masks_used": len(masks),
+        "masks_used": len(distinct),
+        "sublayer_masks_paid": evaluations,
         "measured_calibration_ppl": _ppl(nll_of[best.tobytes()]),
         "dense_calibration_ppl": _ppl(base),
         "rounds": rounds,
         "shapley": dict(zip(names, result.shapley.tolist())),
     }
     return Plan(f"{block_method}-sublayer", 2 * n, remove, result.shapley.tolist(),
-                forward_passes=block.forward_passes + evaluations, seconds=time.perf_counter() - started,
-                details=details)
+                forward_passes=cost.passes, seconds=time.perf_counter() - started, details=details, cost=cost)
 
 
 # The sublayer methods, registered by name: `(model, windows, ratio, **options) -> Plan` whose `remove` holds
@@ -137,10 +152,15 @@ SUBLAYER_METHODS = {
 
 
 def select_sublayers(method: str, model, windows, ratio: float, **options) -> Plan:
-    """Run a registered sublayer method: which sublayers to remove for a parameter ratio."""
+    """Run a registered sublayer method: which sublayers to remove for a parameter ratio. A plan without a
+    `cost` gets one from its forward passes, each counted as a pass of the full model (marked `estimated`)."""
     if method not in SUBLAYER_METHODS:
         raise LayershapError(f"unknown sublayer method {method!r}; use one of {', '.join(SUBLAYER_METHODS)}")
-    return SUBLAYER_METHODS[method](model, windows, ratio, **options)
+    plan = SUBLAYER_METHODS[method](model, windows, ratio, **options)
+    if plan.cost is None:
+        plan.cost = Cost.full_passes(plan.forward_passes, int(tokens_of(windows).numel()), num_layers(model),
+                                     estimated=plan.forward_passes > 0)
+    return plan
 
 
 def feasible(masks: np.ndarray, params: np.ndarray, target: float) -> np.ndarray:

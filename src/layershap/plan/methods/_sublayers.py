@@ -18,7 +18,7 @@ from layershap.models.sublayers import (
     sublayer_parameters,
 )
 from layershap.plan.methods._common import removable
-from layershap.plan.methods.base import Plan
+from layershap.plan.methods.base import Cost, Plan
 from layershap.plan.ratio import check_ratio
 
 
@@ -64,7 +64,8 @@ def sublayer_record(model, mask) -> dict:
             "kv_cache_fraction_removed": kv_cache_fraction_removed(mask)}
 
 
-def sublayer_plan_result(name: str, model, mask, scores, forward_passes: int, seconds: float, details: dict) -> Plan:
+def sublayer_plan_result(name: str, model, mask, scores, forward_passes: int, seconds: float, details: dict,
+                         cost: Cost | None = None) -> Plan:
     mask = np.asarray(mask, dtype=bool)
     return Plan(name, len(mask), [int(j) for j in np.flatnonzero(~mask)], scores, forward_passes=forward_passes,
-                seconds=seconds, details={**sublayer_record(model, mask), **details})
+                seconds=seconds, details={**sublayer_record(model, mask), **details}, cost=cost)

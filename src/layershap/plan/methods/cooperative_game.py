@@ -85,10 +85,7 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
     if traced:
         cost.add(tokens, n + 1)
     if confirmation is not None:
-        cost.passes += confirmation.cost.passes
-        cost.token_passes += confirmation.cost.token_passes
-        cost.paid_passes += confirmation.cost.paid_passes
-        cost.paid_token_passes += confirmation.cost.paid_token_passes
+        cost.include(confirmation.cost)
     predicted_nll = game.utility.nll_of(result.surrogate.predict(mask[None])[0], result.base_nll)
     details = {
         "estimate": result.to_dict(),

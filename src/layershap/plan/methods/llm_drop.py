@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from layershap.models.architectures import architecture_of
 from layershap.models.layers import block_list, num_layers
 from layershap.models.sublayers import check_sublayers
+from layershap.plan.cost import Cost
 from layershap.plan.methods._common import model_device, tokens_of
 from layershap.plan.methods._sublayers import (
     allowed_players,
@@ -89,4 +90,5 @@ def llm_drop(model, windows, ratio: float, *, protect=(), batch_size: int = 8, *
     mlps = sorted((j for j in allowed if j % 2 == 1), key=lambda j: (scores[j], -j))
     mask = drop_in_order([*attentions, *mlps], params, target)
     details = {"mlps_needed": bool((~mask[1::2]).any()), "architecture": architecture_of(model).name}
-    return sublayer_plan_result("llmdrop", model, mask, scores, 1, time.perf_counter() - started, details)
+    cost = Cost.full_passes(1, int(tokens.numel()), n)  # the one traced pass of the full model
+    return sublayer_plan_result("llmdrop", model, mask, scores, 1, time.perf_counter() - started, details, cost)

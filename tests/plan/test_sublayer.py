@@ -1,0 +1,46 @@
+"""plan/sublayer.py's plan over 2n players: what it cost, used and paid, block plan included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_model
+
+from layershap.data.windows import TextWindows
+from layershap.estimate.pipeline import EstimateSettings
+from layershap.plan.sublayer import select_sublayers
+
+N, SAMPLES, SEQ = 6, 2, 16
+TOKENS = SAMPLES * SEQ
+
+
+@pytest.fixture(scope="module")
+def windows():
+    tokens = torch.randint(0, VOCAB, (SAMPLES, SEQ), generator=torch.Generator().manual_seed(0))
+    return TextWindows(tokens, "random", "calibration", 0)
+
+
+def test_sublayer_plan_uses_the_same_on_a_warm_store_and_says_what_it_paid(windows, tmp_path):
+    model = tiny_model("llama")
+    settings = EstimateSettings(budget=40)
+    store = tmp_path / "store.sqlite"
+    cold = select_sublayers("shapley", model, windows, 0.25, settings=settings, store=store)
+    warm = select_sublayers("shapley", model, windows, 0.25, settings=settings, store=store)
+    assert cold.remove == warm.remove
+    assert cold.forward_passes == cold.cost.passes == warm.cost.passes == warm.forward_passes
+    assert cold.cost.token_passes == warm.cost.token_passes and not cold.cost.estimated
+    assert (cold.cost.paid_passes, cold.cost.paid_token_passes) == (cold.cost.passes, cold.cost.token_passes)
+
+    block = cold.details["block_plan"]["cost"]
+    sublayer_passes = cold.cost.passes - block["passes"]
+    assert sublayer_passes == cold.details["masks_used"] == cold.details["sublayer_masks_paid"]
+    # the sublayer masks: at most the full model each, at least the head alone
+    sublayer_tokens = cold.cost.token_passes - block["token_passes"]
+    assert sublayer_passes * TOKENS < sublayer_tokens < sublayer_passes * TOKENS * (N + 1)
+
+    warm_block = warm.details["block_plan"]["cost"]
+    assert warm.cost.paid_passes == warm_block["paid_passes"] == 1  # only the block plan's traced pass
+    assert warm.details["sublayer_masks_paid"] == 0
+    assert warm.cost.paid_token_passes == TOKENS * (N + 1)
+    assert np.isfinite(cold.details["measured_calibration_ppl"])
