@@ -44,3 +44,19 @@ def test_sublayer_plan_uses_the_same_on_a_warm_store_and_says_what_it_paid(windo
     assert warm.details["sublayer_masks_paid"] == 0
     assert warm.cost.paid_token_passes == TOKENS * (N + 1)
     assert np.isfinite(cold.details["measured_calibration_ppl"])
+
+
+def test_sublayer_search_spends_the_budget_in_full_size_passes(windows, tmp_path):
+    from layershap.estimate.budget import mask_share
+
+    model = tiny_model("llama")
+    for unit, budget in (("full_passes", 40), ("masks", 40)):
+        settings = EstimateSettings(budget=budget, budget_unit=unit)
+        plan = select_sublayers("shapley", model, windows, 0.25, settings=settings, store=tmp_path / f"{unit}.sqlite")
+        spent = plan.details["sublayer_budget_spent"]
+        # the rounds stop once no further plan fits: a plan keeps at least half the model here
+        assert budget - mask_share(N, unit)(np.ones(2 * N, dtype=bool)) < spent <= budget + 1e-9
+        if unit == "masks":
+            assert plan.details["masks_used"] == spent
+        else:  # each mask keeps less than the full model, so the budget buys more masks than its size
+            assert plan.details["masks_used"] > budget

@@ -13,6 +13,10 @@ parameters, so the constraint is on parameters (`removed_parameters >= ratio * b
    attentions first);
 4. the best *measured* feasible plan wins, so it is never worse on calibration than the block plan.
 
+The sublayer game's budget is spent in the unit of `--budget` (`estimate/budget.py`: a mask is charged its
+kept share of a full pass, a sublayer half a block; or 1 per mask with `budget_unit="masks"`), as the block
+search spends it; the block plan spends its own budget in the block game.
+
 Cost (`Plan.cost`, `plan/cost.py`): the block plan's own cost (its block game's masks, used and paid as that
 method counts them) plus every distinct sublayer mask the search relied on, each one pass of tokens x (kept
 sublayers / 2 + 1) token-passes: an attention or an MLP sublayer is half a block, the head one block. Used
@@ -29,6 +33,7 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from layershap.errors import LayershapError
+from layershap.estimate.budget import SPENT_TOLERANCE, mask_share, spent
 from layershap.estimate.pipeline import MIN_BUDGET, EstimateSettings, estimate, estimate_from_measurements
 from layershap.estimate.surrogate import make_surrogate
 from layershap.game.context import measurement_context
@@ -92,8 +97,9 @@ def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | 
         masks, nlls = np.concatenate([masks, starts]), np.concatenate([nlls, seed_nlls])
         evaluations += evaluated
         per_round = max(4, settings.budget // 16)
+        share = mask_share(n, settings.budget_unit)
         rounds = 0
-        while len(masks) < settings.budget:
+        while (left := settings.budget - spent(_distinct(masks), share)) > SPENT_TOLERANCE:
             utilities = np.array([game.utility(v, base) for v in nlls])
             surrogate = make_surrogate(settings.surrogate, 2 * n, settings.seed).fit(masks, utilities)
             best = best_feasible(masks, nlls, params, target, base)
@@ -104,8 +110,9 @@ def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | 
             if not fresh:
                 break
             order = np.argsort(-surrogate.predict(np.array(fresh)), kind="stable")
-            wanted = min(per_round, settings.budget - len(masks))
-            candidates = np.array([fresh[i] for i in order[:wanted]])
+            candidates = _affordable([fresh[i] for i in order], share, left, per_round)
+            if not len(candidates):
+                break
             new, evaluated, _ = evaluate_masks(game, db, candidates, description=f"sublayer plans (round {rounds + 1})")
             masks, nlls = np.concatenate([masks, candidates]), np.concatenate([nlls, new])
             evaluations += evaluated
@@ -113,7 +120,7 @@ def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | 
         best = best_feasible(masks, nlls, params, target, base)
         result = estimate_from_measurements(game.utility, masks, nlls, settings)
     nll_of = {m.tobytes(): float(v) for m, v in zip(masks, nlls)}
-    distinct = list({m.tobytes(): m for m in masks}.values())
+    distinct = _distinct(masks)
     cost = Cost()
     cost.include(block.cost)
     cost.add_sublayer_masks(distinct, int(tokens_of(windows).numel()), stored=stored)
@@ -132,6 +139,7 @@ def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | 
                        "masks_used": block.details.get("estimate", {}).get("masks", block.forward_passes)},
         "masks_used": len(distinct),
         "sublayer_masks_paid": evaluations,
+        "sublayer_budget_spent": spent(distinct, share),
         "measured_calibration_ppl": _ppl(nll_of[best.tobytes()]),
         "dense_calibration_ppl": _ppl(base),
         "rounds": rounds,
@@ -205,6 +213,22 @@ def climb(predict, mask: np.ndarray, params, target, allowed, max_rounds: int = 
             break
         best, score = moves[top], float(scores[top])
     return best
+
+
+def _distinct(masks) -> list[np.ndarray]:
+    return list({m.tobytes(): m for m in masks}.values())
+
+
+def _affordable(ranked, share, left: float, most: int) -> np.ndarray:
+    """The best-ranked masks, at most `most` of them, whose charges fit in what is left of the budget."""
+    chosen = []
+    for mask in ranked:
+        if len(chosen) == most:
+            break
+        if share(mask) <= left + SPENT_TOLERANCE:
+            chosen.append(mask)
+            left -= share(mask)
+    return np.array(chosen, dtype=bool)
 
 
 def _value_plans(values, params, target, allowed) -> list[np.ndarray]:
