@@ -37,10 +37,11 @@ def test_estimate_and_prune_shapley_on_the_default_model(capsys, tmp_path):
     assert code == 0, err
     record = json.loads((tmp_path / "run" / "shapley.json").read_text())
     assert record["n_layers"] == 30 and len(record["layers"]) == 30
-    assert record["evaluations"] == 24 and record["reused"] == 0
+    masks = record["masks"]  # --budget 24 full-size passes buys more masks than 24: they skip blocks
+    assert masks > 24 and record["evaluations"] == masks and record["reused"] == 0
     assert {"r2", "spearman", "mae", "n_train", "n_holdout"} <= set(record["surrogate"])
     code, out, err = run_cli(["estimate", "--out", tmp_path / "run", *small], capsys)
-    assert code == 0 and "0 masks evaluated, 24 reused" in out
+    assert code == 0 and f"0 masks evaluated, {masks} reused" in out
 
     code, out, err = run_cli(["prune", "--ratio", "0.2", "--protect", "0,-1", "--out", tmp_path / "pruned",
                               "--eval-samples", "2", "--eval-seq-len", "64", *small], capsys)

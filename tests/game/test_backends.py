@@ -59,7 +59,7 @@ def test_local_backend_estimate_is_unchanged(tmp_path):
     game = LayerGame(model, TextWindows(tokens, "random", "calibration", 0))
     with open_store(model, tmp_path / "s.sqlite") as store, use_backend(LocalBackend()):
         result = estimate(game, store, EstimateSettings(budget=20))
-    assert result.evaluations == 20
+    assert result.evaluations == len(result.masks) > 20  # 20 full-size passes buy more masks than 20
     assert result.nlls[3] == game.nll(result.masks[3])
 
 
@@ -167,14 +167,14 @@ def test_ray_matches_local_and_retries_a_dead_workers_batch(capsys, monkeypatch,
         return dict(sqlite3.connect(tmp_path / name).execute("SELECT mask, nll FROM evaluations").fetchall())
 
     local, distributed = stored("local.sqlite"), stored("ray.sqlite")
-    assert len(local) == 24 and local == distributed
+    assert len(local) > 24 and local == distributed  # --budget 24 full-size passes: more masks than 24
     a = json.loads((tmp_path / "local" / "shapley.json").read_text())
     b = json.loads((tmp_path / "ray" / "shapley.json").read_text())
-    assert a["layers"] == b["layers"] and (b["evaluations"], b["reused"]) == (24, 0)
+    assert a["layers"] == b["layers"] and (b["evaluations"], b["reused"]) == (len(local), 0)
     assert np.isfinite([e["shapley"] for e in b["layers"]]).all()
 
     code, _, err = run_cli(_estimate_args(tiny_model_dir, long_text_file, tmp_path / "ray.sqlite",
                                           tmp_path / "resumed"), capsys)
     assert code == 0, err
     resumed = json.loads((tmp_path / "resumed" / "shapley.json").read_text())
-    assert (resumed["evaluations"], resumed["reused"]) == (0, 24) and resumed["layers"] == a["layers"]
+    assert (resumed["evaluations"], resumed["reused"]) == (0, len(local)) and resumed["layers"] == a["layers"]
