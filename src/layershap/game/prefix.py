@@ -5,7 +5,9 @@ lexicographic order (kept before dropped, first block first) share long prefixes
 the deepest state its predecessor left behind and runs only the blocks after it. The resumed run is the
 model's own forward pass over the remaining kept blocks with the cached state put in place of the first
 block's input, so attention masks, rotary embeddings and per-layer types are built exactly as in the plain
-path; the result equals `mean_nll` under `keep_only` bit for bit (tests check this on every family).
+path; the result equals `mean_nll` under `keep_only` bit for bit (tests check this on every family). The
+per-batch loss is a parameter (`loss`, a `game/nll.py` `BatchLoss`: the NLL by default, or the KL against a
+dense reference, `game/kl.py`), and both paths run the same one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
-from layershap.game.nll import batch_nll, mean_nll
+from layershap.game.nll import BatchLoss, batch_nll, mean_loss
 from layershap.models.architectures import architecture_of
 from layershap.models.layers import block_list, keep_only
 from layershap.models.sublayers import block_mask, keep
@@ -47,17 +49,19 @@ def cache_budget_bytes(device: torch.device) -> int:
 
 
 class PrefixSharingEvaluator:
-    """Mean NLL of keep-masks over fixed windows, resuming from cached block outputs.
+    """Mean NLL (or another per-batch `loss`) of keep-masks over fixed windows, resuming from cached block
+    outputs.
 
     Masks can be given in any order; `nlls` visits them in `visiting_order` and reports each through
     `on_result(index, nll)` as soon as it is known, so callers can commit results one by one.
     """
 
     def __init__(self, model, tokens: torch.Tensor, *, batch_size: int = 8,
-                 max_cache_bytes: int | None = None):
+                 max_cache_bytes: int | None = None, loss: BatchLoss = batch_nll):
         self.model = model
         self.tokens = tokens
         self.batch_size = batch_size
+        self.loss = loss
         self.n = len(block_list(model))
         self.blocks_run = 0
         self._states: dict[int, list[torch.Tensor | None]] = {}
@@ -87,7 +91,7 @@ class PrefixSharingEvaluator:
             self.blocks_run += int(blocks.sum())
             self._path = None
             with keep(self.model, mask):
-                return mean_nll(self.model, self.tokens, batch_size=self.batch_size)
+                return mean_loss(self.model, self.tokens, batch_size=self.batch_size, loss=self.loss)
         resume = self._resume_depth(mask)
         run = [i for i in range(resume, self.n) if blocks[i]]
         if not run:  # nothing left to run after the shared prefix: no block to resume into
@@ -156,8 +160,9 @@ class PrefixSharingEvaluator:
             with _keep_run(self.model, run, sublayers), torch.inference_mode():
                 for batch_index, start in enumerate(range(0, self.tokens.shape[0], self.batch_size)):
                     states.setdefault(batch_index, [None] * (self.n + 1))
-                    loss, scored = batch_nll(self.model, self.tokens[start:start + self.batch_size].to(device))
-                    total += loss
+                    summed, scored = self.loss(self.model, self.tokens[start:start + self.batch_size].to(device),
+                                               start)
+                    total += summed
                     count += scored
         finally:
             for handle in handles:
@@ -174,10 +179,11 @@ def _keep_run(model, run: list[int], sublayers: np.ndarray | None):
     return keep(model, pairs.reshape(-1))
 
 
-def plain_nlls(model, tokens: torch.Tensor, masks: Iterable[np.ndarray], *, batch_size: int = 8) -> np.ndarray:
+def plain_nlls(model, tokens: torch.Tensor, masks: Iterable[np.ndarray], *, batch_size: int = 8,
+               loss: BatchLoss = batch_nll) -> np.ndarray:
     """The reference path: each mask evaluated alone under `keep_only`."""
     values = []
     for mask in masks:
         with keep(model, mask):
-            values.append(mean_nll(model, tokens, batch_size=batch_size))
+            values.append(mean_loss(model, tokens, batch_size=batch_size, loss=loss))
     return np.array(values)
