@@ -4,7 +4,8 @@ A stored NLL may be reused only for the same model (`model_fingerprint`) measure
 (`measurement_context`); both are short hex digests so they can key rows of the evaluation store.
 
 The context is everything besides the weights and the mask that can change an NLL's bits
-(`context_description`): the calibration tokens, the loss, the dtype, the device (type, and the GPU's name,
+(`context_description`): the calibration tokens, the loss ("mean_nll", or "mean_kl_top64" for `--utility kl`,
+so NLL and KL rows never mix; an NLL context is described exactly as before the KL loss existed), the dtype, the device (type, and the GPU's name,
 since kernels differ between GPU generations), the attention implementation, the batch size, and the torch
 and transformers versions. The batch size is always part of it: in bfloat16 and float16 on a GPU it changes
 which kernels run and so the values, and even in float32 on a CPU the loss is summed batch by batch, so a
@@ -121,7 +122,7 @@ def context_description(game: LayerGame) -> dict[str, str]:
     weight = next(game.model.parameters())
     return {
         "tokens": tokens_fingerprint(game.tokens),
-        "loss": "mean_nll",
+        "loss": str(getattr(game, "loss_name", "mean_nll")),
         "players": str(getattr(game, "granularity", "block")),
         "dtype": str(weight.dtype).removeprefix("torch."),
         "device": device_label(weight.device),

@@ -3,6 +3,10 @@
 Like a shapiq `Game`, a `LayerGame` is just a value function: call it with a boolean keep-mask (or a
 `[coalitions, players]` array of them) and get the utility. Each call runs the real model with the dropped
 blocks truly skipped. The game knows nothing of samplers, surrogates or Shapley values.
+
+What a call measures is the utility's loss: the mean token NLL on the calibration windows (every utility but
+`kl`), or the mean KL(dense || pruned) of the next-token distribution (`kl`, `game/kl.py`). The methods
+keep the NLL's names (`nll`, `base_nll`, `nlls`) for the measured loss whichever it is.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from layershap.errors import LayershapError
-from layershap.game.nll import mean_nll
+from layershap.game.kl import KL_TOP_K, DenseReference, dense_reference
+from layershap.game.nll import BatchLoss, batch_nll, mean_loss
 from layershap.game.prefix import PrefixSharingEvaluator, visiting_order
 from layershap.models.layers import num_layers
 from layershap.models.sublayers import check_sublayers, keep, sublayer_names
@@ -27,21 +32,34 @@ DIVERGED_NLL_MARGIN = 20.0
 
 @dataclass(frozen=True)
 class Utility:
-    """Maps a coalition's mean NLL (and the full model's) to the value the game reports, and back.
+    """Maps a coalition's measured loss (and the full model's) to the value the game reports, and back.
 
-    inverse: the NLL a utility value stands for, so surrogate predictions can be shown as perplexities.
+    inverse: the loss a utility value stands for, so surrogate predictions can be shown as perplexities (of
+        an NLL; a KL is no perplexity).
+    loss: what the game measures for this utility: "nll" (mean token NLL) or "kl" (mean KL from the dense
+        model, `game/kl.py`).
     """
 
     name: str
     fn: Callable[[float, float], float]
     inverse: Callable[[float, float], float]
     description: str
+    loss: str = "nll"
+
+    @property
+    def loss_name(self) -> str:
+        """The measured loss as the store's context names it ("mean_nll", "mean_kl_top64")."""
+        return loss_name(self.loss)
 
     def __call__(self, nll: float, base_nll: float) -> float:
         return float(self.fn(bounded_nll(nll, base_nll), base_nll))
 
     def nll_of(self, utility: float, base_nll: float) -> float:
         return float(self.inverse(utility, base_nll))
+
+
+def loss_name(loss: str) -> str:
+    return "mean_nll" if loss == "nll" else f"mean_kl_top{KL_TOP_K}"
 
 
 def bounded_nll(nll: float, base_nll: float) -> float:
@@ -64,6 +82,9 @@ register_utility(Utility("neg_nll", lambda nll, base: -nll, lambda u, base: -u,
                          "minus the mean token NLL: linear in log-perplexity, keeps resolving broken models"))
 register_utility(Utility("log_ratio", lambda nll, base: base - nll, lambda u, base: base - u,
                          "log(full perplexity / coalition perplexity): neg_nll shifted so the full model is 0"))
+register_utility(Utility("kl", lambda kl, base: -kl, lambda u, base: -u,
+                         f"minus the mean KL(dense || pruned) of the next-token distribution (the dense model's "
+                         f"top {KL_TOP_K} tokens and the rest); the full model is 0", loss="kl"))
 
 
 def get_utility(name: str) -> Utility:
@@ -88,6 +109,9 @@ class LayerGame:
     model: a loaded causal LM (see `load_model`); windows: a `TextWindows` or a `[samples, seq_len]` tensor.
     granularity: "block" (n players, one per block) or "sublayer" (2n players: attn.0, mlp.0, attn.1, ...;
         `models/sublayers.py`).
+    utility: a registered utility's name; it also decides the measured loss (`Utility.loss`). With "kl" the
+        game measures the dense model's reference once, before its first masked evaluation
+        (`reference_passes` counts that pass; `forward_passes` counts masked evaluations only).
     """
 
     def __init__(self, model, windows, *, utility: str = "neg_nll", batch_size: int = 8,
@@ -101,26 +125,51 @@ class LayerGame:
             check_sublayers(model)
         self.n_players = num_layers(model) * (2 if granularity == "sublayer" else 1)
         self.forward_passes = 0
+        self.reference_passes = 0
+        self.reference: DenseReference | None = None
         self._base_nll: float | None = None
         self._prefix: PrefixSharingEvaluator | None = None
 
     @property
+    def loss(self) -> str:
+        """What the game measures: "nll" or "kl" (`Utility.loss`)."""
+        return self.utility.loss
+
+    @property
+    def loss_name(self) -> str:
+        """The measured loss as the store's context names it (`Utility.loss_name`)."""
+        return self.utility.loss_name
+
+    @property
     def base_nll(self) -> float:
-        """Mean NLL of the full model (evaluated once)."""
+        """The full model's measured loss: its mean NLL (evaluated once), or for KL exactly 0 (the full model
+        is the reference; tests check that measuring it gives 0)."""
         if self._base_nll is None:
-            self._base_nll = self.nll(np.ones(self.n_players, dtype=bool))
+            self._base_nll = 0.0 if self.loss == "kl" else self.nll(np.ones(self.n_players, dtype=bool))
         return self._base_nll
 
+    def batch_loss(self) -> BatchLoss:
+        """The per-batch loss every evaluation runs; for KL the dense reference, measured on first use (the
+        model must be whole then, as it is outside the game's evaluations)."""
+        if self.loss == "nll":
+            return batch_nll
+        if self.reference is None:
+            self.reference = dense_reference(self.model, self.tokens, batch_size=self.batch_size)
+            self.reference_passes += 1
+        return self.reference
+
     def nll(self, mask) -> float:
-        """Mean token NLL with only the kept blocks (one real forward pass over the windows)."""
+        """The measured loss (mean token NLL, or mean KL for `kl`) with only the kept blocks: one real
+        forward pass over the windows."""
         mask = self._check(mask)
+        loss = self.batch_loss()
         with keep(self.model, mask):
-            value = mean_nll(self.model, self.tokens, batch_size=self.batch_size)
+            value = mean_loss(self.model, self.tokens, batch_size=self.batch_size, loss=loss)
         self.forward_passes += 1
         return value
 
     def measure(self, masks) -> Iterator[tuple[int, float, float]]:
-        """Mean NLL of many masks, yielding `(row, nll, seconds)` as each is known.
+        """Measured loss of many masks, yielding `(row, nll, seconds)` as each is known.
 
         Rows are visited in the order that shares the most leading blocks and resumed from cached hidden
         states (`game/prefix.py`), which gives the same values as `nll` at a fraction of the cost.
@@ -129,7 +178,8 @@ class LayerGame:
         for mask in masks:
             self._check(mask)
         if self._prefix is None:
-            self._prefix = PrefixSharingEvaluator(self.model, self.tokens, batch_size=self.batch_size)
+            self._prefix = PrefixSharingEvaluator(self.model, self.tokens, batch_size=self.batch_size,
+                                                  loss=self.batch_loss())
         for row in visiting_order(masks):
             started = time.perf_counter()
             value = self._prefix.nll(masks[row])

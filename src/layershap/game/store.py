@@ -2,8 +2,9 @@
 
 One SQLite file (WAL journal) per model: rows are keyed by the measurement context (a fingerprint of the
 calibration windows and how the loss was measured) and the keep-mask. What is stored is the coalition's
-mean token NLL, not its utility: every utility is a pure function of the NLL and the full model's NLL, so
-switching `--utility` reuses the same evaluations. A process killed at any point loses at most the mask it
+mean token NLL, not its utility: every NLL utility is a pure function of the NLL and the full model's NLL,
+so switching between them reuses the same evaluations. `--utility kl` measures another loss (the mean KL
+from the dense model), named in the context, so its rows never mix with the NLL's. A process killed at any point loses at most the mask it
 was evaluating; each row is its own transaction.
 
 The context key stands for everything that can change an NLL (`game/context.py`); the `contexts` table keeps
