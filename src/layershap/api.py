@@ -62,6 +62,9 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
         check_sublayers(model)
         if plan_file is not None or writes_gguf:
             raise LayershapError("--plan and a GGUF --out take whole blocks; drop --granularity sublayer")
+        from layershap.estimate.pipeline import check_sublayer_plan_utility
+
+        check_sublayer_plan_utility(method_options.get("settings"))
     gguf_source = gguf_source_for(model_name, quantize) if writes_gguf else None
     if quantize is not None:
         from layershap.transform.quantize import check_quantizable

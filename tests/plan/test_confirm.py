@@ -34,6 +34,8 @@ def test_pool_and_cost():
     assert confirmation_cost(8, 3, 30, 7) == pytest.approx((8 + 8 + 8) * 24 / 31)
     assert confirmation_cost(1, 3, 30, 7) == 0
     assert confirmation_cost(5, 1, 30, 7) == pytest.approx(5 * 24 / 31)
+    # the KL loss: each round runs the full model once more over its windows for the dense reference
+    assert confirmation_cost(8, 3, 30, 7, reference=True) == pytest.approx((8 + 8 + 8) * 24 / 31 + 1 + 2 + 4)
 
 
 def test_finalists_are_the_best_measured_then_the_seeds():

@@ -42,7 +42,7 @@ Confirm = Annotated[int | None, typer.Option(help="Rounds of successive halving 
                                                   "method's finalists on fresh calibration windows and keep the "
                                                   "winner there (0: keep the best screened plan; default 0).")]
 Surrogate = Annotated[str | None, typer.Option(help="Surrogate: pairwise, ensemble, linear, paper.")]
-Utility = Annotated[str | None, typer.Option(help="Utility of a mask: neg_nll, log_ratio, ppl_ratio.")]
+Utility = Annotated[str | None, typer.Option(help="Utility of a mask: neg_nll, log_ratio, ppl_ratio, or kl (minus the mean KL from the dense model).")]
 Paired = Annotated[bool | None, typer.Option("--paired/--no-paired", help="Also evaluate the complement of "
                                                                             "every sampled mask.")]
 Store = Annotated[Path | None, typer.Option(help="SQLite evaluation store (default: one per model in "

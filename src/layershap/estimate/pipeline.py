@@ -2,8 +2,9 @@
 
 masks:        a sampler preset draws keep-masks, stratified by how many layers they keep (seeded; a larger
               budget extends a smaller one, so reruns only pay for new masks);
-evaluations:  each mask's mean NLL on the calibration windows, from the store when it is there, otherwise
-              from the real model with the dropped blocks skipped, committed to the store at once;
+evaluations:  each mask's mean NLL on the calibration windows (the mean KL from the dense model for
+              `--utility kl`), from the store when it is there, otherwise from the real model with the
+              dropped blocks skipped, committed to the store at once;
 surrogate:    fitted to the utilities, its held-out fit always reported;
 Shapley:      every layer's value from the surrogate (exact by enumeration up to 20 layers, sampled with a
               standard error above).
@@ -21,7 +22,7 @@ from layershap.estimate.budget import BUDGET_UNITS, SPENT_TOLERANCE, mask_share
 from layershap.estimate.sampling import get_sampler
 from layershap.estimate.shapley import EXACT_MAX_PLAYERS, shapley_values, surrogate_shapley
 from layershap.estimate.surrogate import held_out_fit, make_surrogate
-from layershap.game.layer_game import LayerGame, Utility
+from layershap.game.layer_game import LayerGame, Utility, get_utility
 from layershap.game.measure import Measured, evaluate_masks
 from layershap.game.store import EvaluationStore
 
@@ -110,6 +111,7 @@ class Estimate:
             "not_reused_other_conditions": dict(self.measured.other_contexts),
             "masks": len(self.masks),
             "base_nll": self.base_nll,
+            "loss": get_utility(self.settings.utility).loss_name,  # what nlls and base_nll measure
             "surrogate": {"name": self.settings.surrogate, **self.surrogate_fit},
             "seed": self.settings.seed,
             "settings": asdict(self.settings),
@@ -204,6 +206,17 @@ def values_from_utilities(masks: np.ndarray, utilities: np.ndarray, settings: Es
     else:
         result = surrogate_shapley(surrogate, n, samples_per_player=settings.shapley_samples, seed=settings.seed)
     return result, surrogate
+
+
+def check_sublayer_plan_utility(settings: EstimateSettings | None) -> None:
+    """Refuse `--utility kl` for the sublayer plan (prune and compare with --granularity sublayer):
+    `plan/sublayer.py` reports its plans' calibration perplexity as exp(measured loss), which for a KL is no
+    perplexity. The sublayer estimate itself takes every utility."""
+    if settings is not None and get_utility(settings.utility).loss != "nll":
+        raise LayershapError(f"--utility {settings.utility} with --granularity sublayer is not supported yet by prune "
+                             "and compare (the sublayer plan reports calibration perplexity from the measured "
+                             "loss); use neg_nll there, or `layershap estimate --granularity sublayer --utility "
+                             f"{settings.utility}` for the sublayers' values")
 
 
 def with_overrides(settings: EstimateSettings, **overrides) -> EstimateSettings:

@@ -142,6 +142,9 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
         check_sublayers(model)
         if quantize:
             raise LayershapError("--quantize with --granularity sublayer is not supported yet")
+        from layershap.estimate.pipeline import check_sublayer_plan_utility
+
+        check_sublayer_plan_utility(settings)
     ratios = check_ratios(ratios)
     tasks = check_tasks(tasks, limit, offline)
     eval_data = list(dict.fromkeys(eval_data))

@@ -13,7 +13,9 @@ did not fit. Each round doubles the windows and halves the plans, so every round
 Cost: the rounds' passes run only the kept blocks of k-removal plans over more tokens; they are counted in
 token-passes and charged to `--budget` as equivalent full-size passes (`confirmation_cost` is reserved from
 the plan search before it starts). Evaluations go through the store, each round under its own windows'
-fingerprint, so a rerun pays nothing twice.
+fingerprint, so a rerun pays nothing twice. With `--utility kl` the score is the mean KL from the dense model
+instead of the NLL (each round's record says which `loss`), and each round's windows need the dense model's
+reference first: one more full pass per round, counted and reserved.
 """
 
 from __future__ import annotations
@@ -51,17 +53,19 @@ def confirmation_windows(data: str, tokenizer, calibration: TextWindows, rounds:
         return None
 
 
-def confirmation_cost(finalists: int, rounds: int, n_layers: int, k: int) -> float:
+def confirmation_cost(finalists: int, rounds: int, n_layers: int, k: int, *, reference: bool = False) -> float:
     """Full-size passes (over the screening windows' tokens) that halving `finalists` plans over `rounds`
     rounds spends at most: round r measures ceil(finalists / 2^r) plans on 2^r times the tokens, with only
-    n - k blocks and the head running."""
-    total, alive = 0.0, finalists
+    n - k blocks and the head running; with `reference` (the KL loss) each round also runs the full model once
+    over its windows."""
+    total, full, alive = 0.0, 0.0, finalists
     for r in range(rounds):
         if alive <= 1:
             break
         total += alive * 2 ** r
+        full += 2 ** r if reference else 0
         alive = math.ceil(alive / 2)
-    return total * (n_layers - k + 1) / (n_layers + 1)
+    return total * (n_layers - k + 1) / (n_layers + 1) + full
 
 
 def finalists(masks: np.ndarray, nlls: np.ndarray, k: int, protect, base_nll: float, seeds=(),
@@ -98,7 +102,8 @@ class Confirmation:
 def successive_halving(model, fresh: TextWindows, candidates: list[np.ndarray], store, *, samples: int,
                        utility: str = "neg_nll", batch_size: int = 8) -> Confirmation:
     """Halve `candidates` round by round on consecutive slices of `fresh` (samples, 2 samples, 4 samples, ...
-    windows) and return the best of the last round by mean NLL over every fresh window it was measured on."""
+    windows) and return the best of the last round by mean NLL (the utility's loss: mean KL for `kl`) over
+    every fresh window it was measured on."""
     if not candidates:
         raise ValueError("no finalists to confirm")
     alive = list(range(len(candidates)))
@@ -114,12 +119,14 @@ def successive_halving(model, fresh: TextWindows, candidates: list[np.ndarray], 
         masks = np.array([candidates[i] for i in alive])
         nlls, _, _ = evaluate_masks(game, store, masks, description=f"confirming (round {r + 1})")
         cost.add_masks(masks, int(part.tokens.numel()), stored=stored)
+        if game.loss == "kl":  # the dense reference of these windows: measured unless every mask was stored
+            cost.add(int(part.tokens.numel()), masks.shape[1] + 1, paid=game.reference_passes > 0)
         base = max(float(np.nanmin(nlls)), 0.0) if np.isfinite(nlls).any() else 0.0
         for i, v in zip(alive, nlls):
             total[i] += bounded_nll(float(v), base) * size
             windows[i] += size
         score = {i: total[i] / windows[i] for i in alive}
-        rounds.append({"windows": size, "plans": [{"remove": [int(j) for j in np.flatnonzero(~candidates[i])],
+        rounds.append({"windows": size, "loss": game.loss_name, "plans": [{"remove": [int(j) for j in np.flatnonzero(~candidates[i])],
                                                    "nll": float(v), "pooled_nll": float(score[i])}
                                                   for i, v in zip(alive, nlls)]})
         ranked = sorted(alive, key=lambda i: (score[i], i))

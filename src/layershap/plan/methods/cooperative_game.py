@@ -7,7 +7,10 @@ first the cheap baselines' plans (`layershap.plan.seeds`: ShortGPT and angular f
 from the estimate's single removals), then the k-removal plans the surrogate rates best (its search seeded
 with the lowest-value plan) and the swaps around the best plan measured so far; the best measured plan wins
 (`layershap.plan.refine`), and the reported values use every mask measured. The record holds the surrogate's
-predicted and the measured calibration perplexity of the chosen plan.
+predicted and the measured calibration perplexity of the chosen plan. With `--utility kl` the game measures
+the mean KL from the dense model instead: the record then holds the predicted and measured calibration KL,
+and the calibration perplexities of the dense model and the plan from a plain NLL pass of each (through the
+store, under the NLL's own context; like the held-out perplexity, not part of the cost of choosing).
 
 With `settings.confirm` rounds (and fresh windows given as `confirmation_windows`), the best measured plans
 and the seed plans are finalists, and the plan kept is the one that wins successive halving on windows the
@@ -15,7 +18,7 @@ search never saw (`layershap.plan.confirm`); its cost is reserved from the budge
 
 Cost (`Plan.cost`): every distinct mask the method relied on, at its kept blocks plus the head, used whether
 measured now or served from the store, paid only when measured by this run; the traced pass of the seeds
-counts as one full pass.
+counts as one full pass, and so does the dense model's KL reference (`--utility kl`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
         settings.check(n)
         stored = set(db.all_nlls(measurement_context(game)))
         traced, seeds = 0, []
+        reference = 1 if game.loss == "kl" else 0  # the dense model's reference pass, reserved like the trace
         if settings.plan == "search":
             first = estimate(game, db, replace(settings, budget=max(MIN_BUDGET, settings.budget // 2)))
             seeds = one_pass_seeds(model, windows, k, protect=protect, batch_size=batch_size)
@@ -57,9 +61,11 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
             loo_plan = leave_one_out_seed(first.masks, first.nlls, k, protect=protect)
             seeds += [loo_plan] if loo_plan is not None and loo_plan not in seeds else []
             confirming = settings.confirm > 0 and confirmation_windows is not None and k > 0
-            reserve = (math.ceil(confirmation_cost(MEASURED_FINALISTS + len(seeds), settings.confirm, n, k))
+            reserve = (math.ceil(confirmation_cost(MEASURED_FINALISTS + len(seeds), settings.confirm, n, k,
+                                                   reference=bool(reference)))
                        if confirming else 0)
-            refined = refine(game, db, first.masks, first.nlls, k=k, budget=settings.budget - traced - reserve,
+            refined = refine(game, db, first.masks, first.nlls, k=k,
+                             budget=settings.budget - traced - reserve - reference,
                              surrogate=settings.surrogate, seed=settings.seed, protect=protect,
                              start=[lowest_scoring(first.shapley, k, protect)], seeds=seeds,
                              share=mask_share(n, settings.budget_unit))
@@ -81,9 +87,15 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
         mask = np.ones(n, dtype=bool)
         mask[remove] = False
         (measured_nll,), _, _ = evaluate_masks(game, db, mask[None], description="checking the plan")
+        if reference:
+            plain = LayerGame(model, windows, utility="neg_nll", batch_size=batch_size)
+            (dense_nll, plan_nll), _, _ = evaluate_masks(plain, db, np.stack([np.ones(n, dtype=bool), mask]),
+                                                         description="calibration perplexity")
     cost.add_masks(list({m.tobytes(): m for m in [*used, mask]}.values()), tokens, stored=stored)
     if traced:
         cost.add(tokens, n + 1)
+    if reference:  # used whether or not this run measured it; paid only if it did
+        cost.add(tokens, n + 1, paid=game.reference_passes > 0)
     if confirmation is not None:
         cost.include(confirmation.cost)
     predicted_nll = game.utility.nll_of(result.surrogate.predict(mask[None])[0], result.base_nll)
@@ -91,10 +103,15 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
         "estimate": result.to_dict(),
         "plan": settings.plan,
         "seed_plans": seeds,
-        "predicted_calibration_ppl": _ppl(predicted_nll),
-        "measured_calibration_ppl": _ppl(measured_nll),
-        "dense_calibration_ppl": _ppl(result.base_nll),
     }
+    if reference:  # the game's loss is a KL: no perplexity of it; the perplexities from plain NLL passes
+        details.update({"loss": game.loss_name, "predicted_calibration_kl": predicted_nll,
+                        "measured_calibration_kl": measured_nll, "measured_calibration_ppl": _ppl(plan_nll),
+                        "dense_calibration_ppl": _ppl(dense_nll)})
+    else:
+        details.update({"predicted_calibration_ppl": _ppl(predicted_nll),
+                        "measured_calibration_ppl": _ppl(measured_nll),
+                        "dense_calibration_ppl": _ppl(result.base_nll)})
     if confirmation is not None:
         details["confirmation"] = {**confirmation.to_dict(), "reserved_full_passes": reserve,
                                    "screening_choice": [int(i) for i in np.flatnonzero(~screened)],

@@ -146,7 +146,8 @@ def estimate_shapiq(game: LayerGame, estimator: str, *, budget: int = DEFAULT_BU
     assert evaluations == cached.evaluations, "every real evaluation goes through the cache"
     return {"estimator": estimator, "approximator": class_name, "budget": int(budget), "values": values,
             "baseline": wrapped.empty_value, "full": wrapped.full_value, "evaluations": evaluations,
-            "requests": cached.requests, "utility": game.utility.name, "base_nll": game.base_nll}
+            "requests": cached.requests, "utility": game.utility.name, "base_nll": game.base_nll,
+            "loss": game.loss_name}
 
 
 def _plan(estimator: str, model, windows, k: int, *, protect=(), seed: int = 0, batch_size: int = 8,
@@ -165,8 +166,9 @@ def _plan(estimator: str, model, windows, k: int, *, protect=(), seed: int = 0, 
     values = found["values"]
     details = {key: value for key, value in found.items() if key != "values"}
     details["seed"] = seed
+    # with --utility kl the dense model's reference pass is one more forward pass
     return Plan(estimator, n, lowest_scoring(values, k, protect), values.tolist(),
-                forward_passes=found["evaluations"], seconds=time.perf_counter() - started, details=details)
+                forward_passes=found["evaluations"] + game.reference_passes, seconds=time.perf_counter() - started, details=details)
 
 
 def kernelshap(model, windows, k: int, **options) -> Plan:
