@@ -178,3 +178,22 @@ def test_ray_matches_local_and_retries_a_dead_workers_batch(capsys, monkeypatch,
     assert code == 0, err
     resumed = json.loads((tmp_path / "resumed" / "shapley.json").read_text())
     assert (resumed["evaluations"], resumed["reused"]) == (0, len(local)) and resumed["layers"] == a["layers"]
+
+
+def test_a_ray_worker_builds_the_drivers_game_with_its_utility_and_players():
+    """The worker's game measures what the driver's does: the KL loss of --utility kl (its own dense reference),
+    and sublayer players; its context is the driver's, so the driver accepts it. No cluster needed."""
+    from layershap.game.backends.ray_backend import MaskWorker, game_options
+    from layershap.game.context import measurement_context
+
+    model = tiny_model("llama")
+    tokens = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    for utility, granularity, n in (("kl", "block", 6), ("neg_nll", "sublayer", 12), ("kl", "sublayer", 12)):
+        driver = LayerGame(model, tokens, utility=utility, batch_size=2, granularity=granularity)
+        worker = MaskWorker.__new__(MaskWorker)
+        worker.model, worker.error, worker.games, worker.crash_once = model, None, {}, None
+        key = measurement_context(driver)
+        assert worker.identity(key, tokens, 2, game_options(driver))["context"] == key
+        masks = np.random.default_rng(0).random((5, n)) < 0.6
+        values = [v for v, _ in worker.evaluate(key, tokens, masks, 2, game_options(driver))]
+        assert values == [driver.nll(m) for m in masks]

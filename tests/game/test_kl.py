@@ -109,7 +109,7 @@ def test_kl_utility_picks_the_kl_loss_and_the_full_model_is_exactly_zero():
     assert game.loss == "kl" and game.loss_name == f"mean_kl_top{KL_TOP_K}" and game.base_nll == 0.0
     full = np.ones(6, dtype=bool)
     assert game.nll(full) == 0.0 and game.reference_passes == 1
-    (row, value, _), = list(game.measure(full[None]))
+    (_, value, _), = list(game.measure(full[None]))
     assert value == 0.0
     dropped = full.copy()
     dropped[2] = False

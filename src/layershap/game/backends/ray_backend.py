@@ -2,8 +2,10 @@
 
 Each worker is a Ray actor that loads the model once, from the same spec the driver was given (model name
 or directory, dtype, trust_remote_code), on its own GPU when the cluster has GPUs and on CPU threads
-otherwise. The driver sends it the calibration tokens (once, through the object store) and batches of
-keep-masks; the worker returns one mean NLL per mask. Only the driver writes the evaluation store.
+otherwise. The driver sends it the calibration tokens (once, through the object store), the game's utility
+and granularity (`game_options`: the utility decides the measured loss, NLL or KL from the dense model, and a
+worker measuring KL takes its own dense reference once per windows) and batches of keep-masks; the worker
+returns one measured loss per mask. Only the driver writes the evaluation store.
 
 Before any mask is measured every worker reports its model fingerprint and measurement context (which
 covers the windows and the dtype); a worker that loaded something else is refused, so the store never
@@ -87,6 +89,11 @@ def check_address(address: str, timeout: float = ADDRESS_CHECK_SECONDS) -> None:
                              "`ray start --head` there, or check --ray-address") from None
 
 
+def game_options(game) -> dict:
+    """What a worker needs besides the windows and batch size to build the driver's game."""
+    return {"utility": game.utility.name, "granularity": getattr(game, "granularity", "block")}
+
+
 class MaskWorker:
     """Runs inside a Ray actor: one model, any number of calibration windows, batches of masks."""
 
@@ -107,29 +114,30 @@ class MaskWorker:
         except LayershapError as exc:  # reported by `identity`, so the driver prints one line
             self.error = f"a Ray worker could not load the model: {exc}"
 
-    def _game(self, key: str, tokens, batch_size: int):
+    def _game(self, key: str, tokens, batch_size: int, options: dict | None = None):
         from layershap.game.layer_game import LayerGame
 
         if self.error:
             raise LayershapError(self.error)
         if key not in self.games:
-            self.games[key] = LayerGame(self.model, tokens, batch_size=batch_size)
+            self.games[key] = LayerGame(self.model, tokens, batch_size=batch_size, **(options or {}))
         return self.games[key]
 
-    def identity(self, key: str, tokens, batch_size: int) -> dict:
+    def identity(self, key: str, tokens, batch_size: int, options: dict | None = None) -> dict:
         from layershap.game.context import context_description, measurement_context, model_fingerprint
 
-        game = self._game(key, tokens, batch_size)
+        game = self._game(key, tokens, batch_size, options)
         if not hasattr(self, "fingerprint"):
             self.fingerprint = model_fingerprint(self.model)
         return {"model_fp": self.fingerprint, "context": measurement_context(game),
                 "about": context_description(game), "pid": os.getpid()}
 
-    def evaluate(self, key: str, tokens, masks: np.ndarray, batch_size: int) -> list[tuple[float, float]]:
-        """(nll, seconds) of every mask, in the order given."""
+    def evaluate(self, key: str, tokens, masks: np.ndarray, batch_size: int,
+                 options: dict | None = None) -> list[tuple[float, float]]:
+        """(measured loss, seconds) of every mask, in the order given."""
         from layershap.game.backends.local import measure
 
-        game = self._game(key, tokens, batch_size)
+        game = self._game(key, tokens, batch_size, options)
         results: list[tuple[float, float]] = [(float("nan"), 0.0)] * len(masks)
         for row, nll, seconds in measure(game, np.asarray(masks, dtype=bool)):
             results[row] = (nll, seconds)
@@ -236,8 +244,8 @@ class RayBackend:
             return
         self.tokens[context] = ray.put(game.tokens.cpu())
         try:
-            reports = self._get([a.identity.remote(context, self.tokens[context], game.batch_size)
-                                 for a in self.actors])
+            reports = self._get([a.identity.remote(context, self.tokens[context], game.batch_size,
+                                                   game_options(game)) for a in self.actors])
         except ray.exceptions.RayActorError as exc:
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LayershapError(f"a Ray worker died while loading the model ({cause[:200]})") from None
@@ -284,6 +292,7 @@ class RayBackend:
         self._prepare(game, context, model_fp)
         ray = self.ray
         tokens = self.tokens[context]
+        options = game_options(game)
         queue = deque(self.batches(masks))
         running: dict = {}  # ObjectRef -> (actor index, batch)
         load = [0] * len(self.actors)
@@ -294,7 +303,7 @@ class RayBackend:
             for index, actor in enumerate(self.actors):
                 while alive[index] and queue and load[index] < IN_FLIGHT_PER_WORKER:
                     batch = queue.popleft()
-                    ref = actor.evaluate.remote(context, tokens, masks[batch], game.batch_size)
+                    ref = actor.evaluate.remote(context, tokens, masks[batch], game.batch_size, options)
                     running[ref] = (index, batch)
                     load[index] += 1
             ready, _ = ray.wait(list(running), num_returns=1)
