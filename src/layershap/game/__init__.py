@@ -2,6 +2,7 @@
 
 layer_game  the value function (`LayerGame`) and the registered utilities
 nll         mean next-token NLL and perplexity of token windows
+kl          the mean KL from the dense model's next-token distribution (the loss of the `kl` utility)
 prefix      prefix sharing: masks that share leading blocks resume from cached hidden states
 context     the model fingerprint and measurement context that key stored evaluations
 store       the SQLite evaluation store: every measurement committed once, never paid for twice
