@@ -360,8 +360,10 @@ def estimate_dry_run(model, tokenizer, *, settings, data: str = "c4", samples: i
         per_layer_pass = (time.perf_counter() - started) / n
     seconds = sum(per_layer_pass * max(int(m.sum()), 1) for m in todo)
     share = mask_share(num_layers(model), settings.budget_unit)
-    return {"masks": len(masks), "stored": len(masks) - len(todo), "forward_passes": len(todo),
-            "full_size_passes": float(sum(share(m) for m in masks)), "estimated_seconds": seconds}
+    reference = 1 if todo and game.loss == "kl" else 0  # --utility kl: the dense model's reference pass first
+    return {"masks": len(masks), "stored": len(masks) - len(todo), "forward_passes": len(todo) + reference,
+            "full_size_passes": float(sum(share(m) for m in masks)) + reference,
+            "estimated_seconds": seconds + reference * per_layer_pass * n}
 
 
 def _run_parameters(model, model_name, settings, config, **values) -> dict:

@@ -14,8 +14,11 @@ WINDOWS = ["--samples", 4, "--seq-len", 16]
 
 def test_estimate_with_the_kl_utility(capsys, tiny_model_dir, long_text_file, tmp_path):
     out = tmp_path / "est"
-    code, _, err = run_cli(["estimate", "--model", tiny_model_dir, "--data", long_text_file, *WINDOWS,
-                             "--budget", 24, "--utility", "kl", "--out", out], capsys)
+    args = ["estimate", "--model", tiny_model_dir, "--data", long_text_file, *WINDOWS, "--budget", 24, "--utility",
+            "kl", "--store", tmp_path / "s.sqlite", "--out", out]
+    code, stdout, err = run_cli([*args, "--dry-run"], capsys)
+    assert code == 0 and "would run 25 forward passes" in stdout, err  # 24 masks and the dense reference
+    code, _, err = run_cli(args, capsys)
     assert code == 0, err
     record = json.loads((out / "shapley.json").read_text())
     assert record["loss"] == "mean_kl_top64" and record["base_nll"] == 0.0
