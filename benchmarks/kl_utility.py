@@ -148,7 +148,7 @@ def timing(shape: str, repeats: int, budget: int) -> dict:
         "masked_kl": run(mask, reference),
     }
     if budget and n > 2:
-        masks = sample_masks(EstimateSettings(budget=budget, target_removed=max(1, n // 4)), n)
+        masks = sample_masks(EstimateSettings(budget=budget, budget_unit="masks", target_removed=max(1, n // 4)), n)
         games = {"nll": LayerGame(model, tokens, utility="neg_nll"), "kl": LayerGame(model, tokens, utility="kl")}
         games["kl"].batch_loss()  # the reference outside the timing: paid once per game, reported above
         spent = dict.fromkeys(games, 0.0)

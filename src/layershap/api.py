@@ -362,7 +362,7 @@ def estimate_dry_run(model, tokenizer, *, settings, data: str = "c4", samples: i
     share = mask_share(num_layers(model), settings.budget_unit)
     reference = 1 if todo and game.loss == "kl" else 0  # --utility kl: the dense model's reference pass first
     return {"masks": len(masks), "stored": len(masks) - len(todo), "forward_passes": len(todo) + reference,
-            "full_size_passes": float(sum(share(m) for m in masks)) + reference,
+            "full_size_passes": float(sum(share(m) for m in masks)),
             "estimated_seconds": seconds + reference * per_layer_pass * n}
 
 
