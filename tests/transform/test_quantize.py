@@ -125,18 +125,23 @@ def test_prune_then_quantize(capsys, tiny_model_dir, long_text_file, tmp_path):
     (["prune", "--ratio", "0.5", "--quantize", "fp8", "--out", "x"], "unknown quantization scheme 'fp8'"),
     (["quantize", "--scheme", "int4", "--device", "mps", "--out", "x"], "int4 on mps has no torchao path"),
 ])
-def test_bad_scheme_before_loading(capsys, args, pattern):
+def test_bad_scheme_before_loading(capsys, monkeypatch, tmp_path, args, pattern):
+    monkeypatch.chdir(tmp_path)
     _one_line_error(*run_cli(args, capsys)[::2], pattern)
+    assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
-def test_torchao_missing(capsys, monkeypatch):
+def test_torchao_missing(capsys, monkeypatch, tmp_path):
     import importlib.util
+
+    monkeypatch.chdir(tmp_path)
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
     for args in (["quantize", "--scheme", "int8", "--out", "x"], ["prune", "--ratio", "0.5", "--quantize", "int4",
                                                                   "--out", "x"]):
         _one_line_error(*run_cli(args, capsys)[::2], "pip install 'layershap[quant]'")
+        assert not (tmp_path / "x").exists()
 
 
 def test_gpt2_conv1d_is_refused(capsys, tmp_path, tiny_tokenizer):

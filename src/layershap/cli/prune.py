@@ -95,16 +95,16 @@ def prune(ctx: typer.Context,
         check_ratio(ratio)
     get_method(method)
     check_granularity(granularity)
-    if wants_gguf(out, out_format):
-        gguf_source_for(model, quantize)  # refuse before loading and choosing
-        check_writable_dir(out.parent)
-    else:
-        check_writable_dir(out)
     if quantize is not None:
         from layershap.models.load import resolve_device
         from layershap.transform.quantize import check_scheme
 
         check_scheme(quantize, resolve_device(device))
+    if wants_gguf(out, out_format):
+        gguf_source_for(model, quantize)  # refuse before loading and choosing
+        check_writable_dir(out.parent)
+    else:
+        check_writable_dir(out)
     with backend_from_options(backend, ray_address, model=model, dtype=dtype, device=device,
                               trust_remote_code=trust_remote_code) as runner:
         loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
