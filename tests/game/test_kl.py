@@ -1,5 +1,5 @@
-"""The KL loss (`--utility kl`): the coarsened KL against brute force, 0 for the full model, the same on the
-plain and the prefix-sharing path, and its own store context."""
+"""The KL loss (`--utility kl`): the coarsened KL against brute force, 0 for the full model, and its own store
+context (its plain and prefix-sharing paths agree: tests/game/test_prefix.py)."""
 
 import math
 from types import SimpleNamespace
@@ -7,14 +7,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from tiny_models import TINY_CONFIGS, VOCAB, tiny_model
+from tiny_models import VOCAB, tiny_model
 
 from layershap.data.windows import TextWindows
 from layershap.game.context import context_description, context_key, measurement_context
 from layershap.game.kl import KL_TOP_K, dense_reference
 from layershap.game.layer_game import LayerGame, get_utility
 from layershap.game.measure import Measured, evaluate_masks
-from layershap.game.prefix import PrefixSharingEvaluator, plain_nlls
 from layershap.game.store import open_store
 
 
@@ -119,43 +118,6 @@ def test_kl_utility_picks_the_kl_loss_and_the_full_model_is_exactly_zero():
     assert LayerGame(model, tokens).loss == "nll"
 
 
-def _masks(n, count, seed):
-    rng = np.random.default_rng(seed)
-    masks = rng.random((count, n)) < 0.7
-    masks[0] = True
-    masks[1] = False
-    masks[2, :] = True
-    masks[2, -1] = False
-    return masks
-
-
-@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
-def test_prefix_sharing_equals_plain_path_for_kl(family):
-    model = tiny_model(family)
-    if family == "rwkv":
-        model.config.rescale_every = 0  # as load_model leaves it
-    tokens = torch.randint(0, VOCAB, (5, 20), generator=torch.Generator().manual_seed(0))
-    reference = dense_reference(model, tokens, batch_size=2)
-    masks = _masks(6, 16, seed=1)
-    plain = plain_nlls(model, tokens, masks, batch_size=2, loss=reference)
-    evaluator = PrefixSharingEvaluator(model, tokens, batch_size=2, loss=reference)
-    np.testing.assert_array_equal(evaluator.nlls(masks), plain)
-    full = masks.all(axis=1)
-    assert (plain[full] == 0.0).all() and (plain[~full] > 0).all()
-
-
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
-def test_prefix_sharing_equals_plain_path_for_kl_on_sublayer_masks(family):
-    model = tiny_model(family)
-    tokens = torch.randint(0, VOCAB, (5, 20), generator=torch.Generator().manual_seed(0))
-    game = LayerGame(model, tokens, utility="kl", batch_size=2, granularity="sublayer")
-    masks = _masks(12, 16, seed=3)
-    shared = np.full(len(masks), np.nan)
-    for row, value, _ in game.measure(masks):
-        shared[row] = value
-    plain = plain_nlls(model, tokens, masks, batch_size=2, loss=game.reference)
-    np.testing.assert_array_equal(shared, plain)
-    assert game._prefix.enabled and shared[0] == 0.0
 
 
 def test_nll_context_is_unchanged_and_kl_gets_its_own(tmp_path):

@@ -1,10 +1,12 @@
-"""Prefix sharing must give exactly the plain path's NLLs, on every family, in any mask order."""
+"""Prefix sharing must give exactly the plain path's NLLs (and KLs), on every family, in any mask order."""
 
 import numpy as np
 import pytest
 import torch
 from tiny_models import TINY_CONFIGS, VOCAB, tiny_model
 
+from layershap.game.kl import dense_reference
+from layershap.game.layer_game import LayerGame
 from layershap.game.prefix import PrefixSharingEvaluator, plain_nlls, visiting_order
 
 
@@ -34,6 +36,35 @@ def test_prefix_sharing_equals_plain_path(family):
     assert sorted(seen) == list(range(len(masks)))
     if evaluator.enabled:
         assert evaluator.blocks_run < int(masks.sum())
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_prefix_sharing_equals_plain_path_for_kl(family):
+    model = tiny_model(family)
+    if family == "rwkv":
+        model.config.rescale_every = 0  # as load_model leaves it
+    tokens = torch.randint(0, VOCAB, (5, 20), generator=torch.Generator().manual_seed(0))
+    reference = dense_reference(model, tokens, batch_size=2)
+    masks = _masks(6, 16, seed=1)
+    plain = plain_nlls(model, tokens, masks, batch_size=2, loss=reference)
+    evaluator = PrefixSharingEvaluator(model, tokens, batch_size=2, loss=reference)
+    np.testing.assert_array_equal(evaluator.nlls(masks), plain)
+    full = masks.all(axis=1)
+    assert (plain[full] == 0.0).all() and (plain[~full] > 0).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_prefix_sharing_equals_plain_path_for_kl_on_sublayer_masks(family):
+    model = tiny_model(family)
+    tokens = torch.randint(0, VOCAB, (5, 20), generator=torch.Generator().manual_seed(0))
+    game = LayerGame(model, tokens, utility="kl", batch_size=2, granularity="sublayer")
+    masks = _masks(12, 16, seed=3)
+    shared = np.full(len(masks), np.nan)
+    for row, value, _ in game.measure(masks):
+        shared[row] = value
+    plain = plain_nlls(model, tokens, masks, batch_size=2, loss=game.reference)
+    np.testing.assert_array_equal(shared, plain)
+    assert game._prefix.enabled and shared[0] == 0.0
 
 
 def test_visiting_order_groups_shared_prefixes():
