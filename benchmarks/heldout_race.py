@@ -8,7 +8,7 @@ draw, and summarised as the geometric mean of the perplexities over those genres
 variants are compared with the best rival of that draw (the lowest geometric mean among the other methods);
 the summary gives the mean and the worst of that ratio over the draws.
 
-Methods: `shapley` (the default settings), `shapley+confirm` (the default with `--confirm` rounds of
+Methods: `shapley` (the default settings), `shapley-kl` (the default with `--utility kl`), `shapley+confirm` (the default with `--confirm` rounds of
 successive halving on fresh calibration windows; it also reports `shapley+confirm:screened`, the plan its
 screening alone would have kept, i.e. the same run without the confirmation step), `shortgpt`, `angular`,
 `loo`, `sleb`, `paper` (the paper preset's recipe at `--paper-budget` masks on the same windows).
@@ -52,7 +52,7 @@ from layershap.plan.ratio import layers_to_remove
 from layershap.plan.search import removal_mask
 
 GENRES = list(PACKAGED_TEXTS)  # wiki, c4, code, tiny, technical, multilingual
-LAYERSHAP = ("shapley", "shapley+confirm", "shapley+confirm:screened")
+LAYERSHAP = ("shapley", "shapley-kl", "shapley+confirm", "shapley+confirm:screened")
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
@@ -135,7 +135,8 @@ def run_method(method, model, tokenizer, mixture, calibration, k, args, store) -
     name = method
     if method.startswith("shapley"):
         confirm = args.confirm if method == "shapley+confirm" else 0
-        options["settings"] = EstimateSettings(**({"budget": args.budget} if args.budget else {}),
+        utility = {"utility": "kl"} if method == "shapley-kl" else {}
+        options["settings"] = EstimateSettings(**({"budget": args.budget} if args.budget else {}), **utility,
                                                target_removed=k, seed=calibration.seed, confirm=confirm)
         options["store"] = store
         name = "shapley"
@@ -218,6 +219,10 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--cache", default=str(CACHE), help="stores and held-out perplexities, kept across runs")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--store-per", choices=("k", "draw"), default="k",
+                        help="k: a cold store for every (draw, k), so every layershap row's seconds are a cold run's; "
+                             "draw: one store per draw shared by its ks (the estimate's masks are the same at every "
+                             "k, so a later k pays only its search: cheaper, and its seconds read '(warm store)')")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in --json and run only the missing (mixture, draw, k, method)")
     args = parser.parse_args()
@@ -248,9 +253,10 @@ def main() -> None:
         dense[mixture]["geomean"] = geometric_mean(dense[mixture]["ppl"].values())
         for draw in range(args.first_draw, args.first_draw + args.draws):
             calibration = text_windows(mixture, tokenizer, samples=args.samples, seq_len=args.seq_len, seed=draw)
-            for k in ks:
+            for k in (sorted(ks, reverse=True) if args.store_per == "draw" else ks):  # draw: the largest k runs cold
                 # one store per k: each k's layershap run starts cold, so its seconds are a cold run's
-                store = cache / "stores" / f"{mixture.replace(',', '+').replace(':', '_')}-d{draw}-k{k}.sqlite"
+                suffix = f"-k{k}" if args.store_per == "k" else ""
+                store = cache / "stores" / f"{mixture.replace(',', '+').replace(':', '_')}-d{draw}{suffix}.sqlite"
                 store.parent.mkdir(parents=True, exist_ok=True)
                 for method in methods:
                     if (mixture, draw, k, method) in done:

@@ -19,17 +19,19 @@ import numpy as np
 BUDGET_UNITS = ("full_passes", "masks")
 
 
+def blocks_run(mask, n_blocks: int) -> float:
+    """The block-equivalents a keep-mask runs: its kept blocks plus the head (one block); over 2 * n_blocks
+    sublayers, an attention or MLP sublayer is half a block. The one definition behind the budget's charge
+    here and the token-passes of `plan/cost.py`."""
+    mask = np.asarray(mask, dtype=bool)
+    return float(mask.sum() * n_blocks / mask.shape[-1] + 1)
+
+
 def mask_share(n_blocks: int, unit: str = "full_passes") -> Callable[[np.ndarray], float]:
     """The charge of one keep-mask (over n_blocks blocks or 2 * n_blocks sublayers) in budget units."""
     if unit == "masks":
         return lambda mask: 1.0
-
-    def share(mask) -> float:
-        mask = np.asarray(mask, dtype=bool)
-        kept_blocks = mask.sum() * n_blocks / mask.shape[-1]
-        return float((kept_blocks + 1) / (n_blocks + 1))
-
-    return share
+    return lambda mask: blocks_run(mask, n_blocks) / (n_blocks + 1)
 
 
 def spent(masks: Iterable, share: Callable[[np.ndarray], float]) -> float:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import numpy as np
+from layershap.estimate.budget import blocks_run
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Cost:
         from layershap.game.store import mask_key
 
         for mask in masks:
-            self.add(tokens, int(np.sum(mask)) + 1, paid=mask_key(mask) not in stored)
+            self.add(tokens, int(blocks_run(mask, len(mask))), paid=mask_key(mask) not in stored)
 
     def add_sublayer_masks(self, masks, tokens: int, *, stored=frozenset()) -> None:
         """Count one pass per 2n sublayer keep-mask: tokens x (kept sublayers / 2 + 1) token-passes (half a
@@ -54,7 +55,7 @@ class Cost:
         from layershap.game.store import mask_key
 
         for mask in masks:
-            token_passes = -(-tokens * (int(np.sum(mask)) + 2) // 2)
+            token_passes = math.ceil(tokens * blocks_run(mask, len(mask) // 2))  # exact: a multiple of 1/2
             self.add(token_passes, 1, paid=mask_key(mask) not in stored)
 
     def include(self, other: Cost) -> None:
