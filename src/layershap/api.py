@@ -15,12 +15,14 @@ from layershap.config import versions, write_run_config
 from layershap.data.windows import text_windows
 from layershap.errors import LayershapError
 from layershap.game.nll import perplexities_of, perplexity
-from layershap.io import read_json, write_json
+from layershap.io import gguf_sidecar, read_json, write_json
 from layershap.models.layers import normalise_layer_list, num_layers, prune_layers
 from layershap.models.load import model_label
 from layershap.models.save import save_pruned
 from layershap.plan.methods import select_layers
 from layershap.plan.ratio import layers_to_remove
+from layershap.plan.saved import plan_from_record, read_plan
+from layershap.transform.gguf_export import gguf_source_for, wants_gguf
 
 
 def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, protect=(),
@@ -99,7 +101,7 @@ def prune_model(model, tokenizer, *, ratio: float | None, method: str, out, prot
                                 ratio=ratio, method=method, out=out, protect=protected, model_name=model_name,
                                 seed=seed, batch_size=batch_size, quantize=quantize, **method_options)
     if chosen is not None:
-        plan = _plan_from_record(chosen, n)
+        plan = plan_from_record(chosen, n)
     else:
         with use_backend(backend):
             plan = select_layers(method, model, calibration, k, protect=protected, seed=seed,
@@ -156,77 +158,6 @@ def _save(model, tokenizer, out, record: dict, quantize: str | None, held_out: d
     record["quantization"] = {"ppl": perplexities_of(model, held_out, batch_size=batch_size)}
     save_quantized(model, tokenizer, Path(out), record)
     return read_json(Path(out) / "layershap.json")
-
-
-def wants_gguf(out, out_format: str | None) -> bool:
-    """Whether `prune` writes a GGUF file: --format gguf, or no --format and an --out ending in .gguf."""
-    if out_format not in (None, "auto", "hf", "gguf"):
-        raise LayershapError(f"unknown --format {out_format!r}; use hf or gguf")
-    return out_format == "gguf" or (out_format in (None, "auto") and str(out).lower().endswith(".gguf"))
-
-
-def gguf_source_for(model_name: str | None, quantize: str | None = None) -> Path:
-    """The GGUF file a pruned GGUF is copied from (the embedded default's when no model is named), checked
-    before any block is chosen."""
-    from layershap.models.load import default_gguf_file
-    from layershap.transform.gguf_export import check_gguf_exportable
-
-    if quantize is not None:
-        raise LayershapError("--quantize applies to a Hugging Face directory; a GGUF output keeps the input "
-                             "file's own quantization. Drop --quantize, or give an --out directory")
-    source = default_gguf_file() if model_name is None else Path(model_name).expanduser()
-    check_gguf_exportable(source)
-    return source
-
-
-def gguf_sidecar(out, name: str) -> Path:
-    """`pruned.gguf` -> `pruned.layershap.json` / `pruned.config.toml`: a GGUF run's record beside the file."""
-    out = Path(out)
-    stem = out.name[:-len(".gguf")] if out.name.lower().endswith(".gguf") else out.name
-    return out.with_name(f"{stem}.{name}")
-
-
-def read_plan(path, model, n: int, ratio: float | None = None) -> dict:
-    """The record of an earlier prune (`layershap.json`, a run directory holding one, or a GGUF run's
-    `<stem>.layershap.json`), checked against the model it is applied to."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / "layershap.json"
-    elif path.suffix.lower() == ".gguf":
-        path = gguf_sidecar(path, "layershap.json")
-    if not path.is_file():
-        raise LayershapError(f"plan {path} does not exist; give the layershap.json of an earlier prune")
-    try:
-        record = read_json(path)
-    except ValueError as exc:
-        raise LayershapError(f"plan {path} is not valid JSON ({exc})") from None
-    if record.get("granularity") == "sublayer":
-        raise LayershapError(f"plan {path} removes sublayers; --plan takes a plan of whole blocks")
-    removed = record.get("removed")
-    if not isinstance(removed, list) or not all(isinstance(i, int) for i in removed):
-        raise LayershapError(f"plan {path} has no list of removed blocks; give the layershap.json of a prune")
-    planned = record.get("n_layers")
-    if planned != n:
-        raise LayershapError(f"plan {path} was made for a model of {planned} blocks; this model has {n}")
-    if record.get("model_type") not in (None, model.config.model_type):
-        raise LayershapError(f"plan {path} was made for a {record['model_type']} model; this one is "
-                             f"{model.config.model_type}")
-    removed = normalise_layer_list(removed, n)
-    if not removed or len(removed) >= n:
-        raise LayershapError(f"plan {path} removes {len(removed)} of {n} blocks; a plan must remove some but "
-                             "not all")
-    if ratio is not None and round(ratio * n) != len(removed):
-        raise LayershapError(f"--ratio {ratio} removes {round(ratio * n)} blocks but plan {path} removes "
-                             f"{len(removed)}; drop --ratio (the plan decides)")
-    return {**record, "removed": removed, "plan_file": path}
-
-
-def _plan_from_record(record: dict, n: int):
-    from layershap.plan.methods.base import Plan
-
-    return Plan(method=str(record.get("method", "plan")), n_layers=n, remove=record["removed"],
-                scores=record.get("scores"), forward_passes=int(record.get("forward_passes") or 0),
-                details={**(record.get("plan") or {}), "from_plan_file": str(record["plan_file"])})
 
 
 def _prune_sublayers(model, tokenizer, calibration, held_out, before, parameters, model_fp, backend, *, ratio,

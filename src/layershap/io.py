@@ -59,3 +59,10 @@ def describe_os_error(exc: OSError) -> str:
     where = f" {exc.filename}" if exc.filename else ""
     other = f" -> {exc.filename2}" if exc.filename2 else ""
     return f"cannot write or read{where}{other}: {reason}"
+
+
+def gguf_sidecar(out, name: str) -> Path:
+    """`pruned.gguf` -> `pruned.layershap.json` / `pruned.config.toml`: a GGUF run's record beside the file."""
+    out = Path(out)
+    stem = out.name[:-len(".gguf")] if out.name.lower().endswith(".gguf") else out.name
+    return out.with_name(f"{stem}.{name}")

@@ -82,11 +82,12 @@ def prune(ctx: typer.Context,
     """Remove round(ratio * n) blocks chosen by a method (or the blocks an earlier run's --plan lists), save
     the model (a directory, or a GGUF holding the kept blocks in their own quantization), and measure
     held-out perplexity before and after."""
-    from layershap.api import gguf_source_for, prune_model, wants_gguf
+    from layershap.api import prune_model
     from layershap.game.layer_game import check_granularity
     from layershap.models.layers import num_layers
     from layershap.plan.methods import get_method
     from layershap.plan.ratio import check_ratio, layers_to_remove
+    from layershap.transform.gguf_export import gguf_source_for, wants_gguf
 
     if plan is None and ratio is None:
         raise LayershapError("give --ratio (the fraction of blocks to remove) or --plan (an earlier run's "

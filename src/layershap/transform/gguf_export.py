@@ -279,3 +279,23 @@ def _positional_swa_pattern(reader, arch: str, n: int, kept: list[int]) -> list[
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def wants_gguf(out, out_format: str | None) -> bool:
+    """Whether `prune` writes a GGUF file: --format gguf, or no --format and an --out ending in .gguf."""
+    if out_format not in (None, "auto", "hf", "gguf"):
+        raise LayershapError(f"unknown --format {out_format!r}; use hf or gguf")
+    return out_format == "gguf" or (out_format in (None, "auto") and str(out).lower().endswith(".gguf"))
+
+
+def gguf_source_for(model_name: str | None, quantize: str | None = None) -> Path:
+    """The GGUF file a pruned GGUF is copied from (the embedded default's when no model is named), checked
+    before any block is chosen."""
+    from layershap.models.load import default_gguf_file
+
+    if quantize is not None:
+        raise LayershapError("--quantize applies to a Hugging Face directory; a GGUF output keeps the input "
+                             "file's own quantization. Drop --quantize, or give an --out directory")
+    source = default_gguf_file() if model_name is None else Path(model_name).expanduser()
+    check_gguf_exportable(source)
+    return source
