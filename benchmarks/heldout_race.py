@@ -42,6 +42,7 @@ from layershap.game.layer_game import LayerGame
 from layershap.game.measure import evaluate_masks
 from layershap.game.nll import perplexity
 from layershap.game.store import open_store
+from layershap.io import write_json
 from layershap.models.layers import keep_only, num_layers
 from layershap.plan.confirm import confirmation_windows
 from layershap.plan.cost import Cost
@@ -80,8 +81,10 @@ class HeldOut:
             if key not in self.cache:
                 with keep_only(self.model, mask):
                     self.cache[key] = perplexity(self.model, self.windows[genre].tokens)
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.path.write_text(json.dumps(self.cache))
+                # atomic, and merged with what another race process sharing --cache wrote meanwhile
+                on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+                self.cache = {**on_disk, **self.cache}
+                write_json(self.path, self.cache)
             out[genre] = self.cache[key]
         return out
 
@@ -186,6 +189,25 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
+def compare_mixtures(rows: list[dict]) -> list[dict]:
+    """Which calibration mixture serves held-out text best: per k and method, each mixture's plans judged on
+    the genres that no raced mixture contains (the same genres for every mixture), mean and worst over draws."""
+    mixtures = list(dict.fromkeys(r["mixture"] for r in rows))
+    common = [g for g in GENRES if not any(g in mixture_texts(m) for m in mixtures)]
+    if len(mixtures) < 2 or not common:
+        return []
+    out = []
+    for k in sorted({r["k"] for r in rows}):
+        for method in dict.fromkeys(r["method"] for r in rows if r["k"] == k):
+            for mixture in mixtures:
+                cell = [r for r in rows if (r["k"], r["method"], r["mixture"]) == (k, method, mixture)]
+                values = [geometric_mean(r["ppl"][g] for g in common) for r in cell]
+                if values:
+                    out.append({"k": k, "method": method, "mixture": mixture, "genres": common,
+                                "draws": len(values), "mean": float(np.mean(values)), "worst": float(max(values))})
+    return out
+
+
 def markdown(rows: list[dict], summary: list[dict]) -> str:
     lines = [("| mixture | k | draw | method | removed | geomean ppl | used passes | used token-passes (M) | "
              "seconds (cold) |"), "|---|---|---|---|---|---|---|---|---|"]
@@ -199,6 +221,12 @@ def markdown(rows: list[dict], summary: list[dict]) -> str:
         per = ", ".join(f"{d['ratio']:.3f} ({d['best_rival']})" for d in s["draws"])
         lines.append(f"| {s['mixture']} | {s['k']} | {s['method']} | {per} | {s['mean_ratio']:.3f} | "
                      f"{s['worst_ratio']:.3f} |")
+    mixtures = compare_mixtures(rows)
+    if mixtures:
+        lines += ["", f"Calibration mixtures judged on the genres none of them contains ({', '.join(mixtures[0]['genres'])}):",
+                  "", "| k | method | mixture | draws | mean geomean ppl | worst |", "|---|---|---|---|---|---|"]
+        lines += [f"| {m['k']} | {m['method']} | {m['mixture']} | {m['draws']} | {m['mean']:.2f} | {m['worst']:.2f} |"
+                  for m in mixtures]
     return "\n".join(lines)
 
 
@@ -223,6 +251,9 @@ def main() -> None:
                         help="k: a cold store for every (draw, k), so every layershap row's seconds are a cold run's; "
                              "draw: one store per draw shared by its ks (the estimate's masks are the same at every "
                              "k, so a later k pays only its search: cheaper, and its seconds read '(warm store)')")
+    parser.add_argument("--merge", nargs="*", default=[],
+                        help="race JSONs whose rows join this one's (e.g. parts run in parallel), the newer row "
+                             "winning on the same (mixture, draw, k, method)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in --json and run only the missing (mixture, draw, k, method)")
     args = parser.parse_args()
@@ -240,12 +271,22 @@ def main() -> None:
     dense = {}
     if args.resume and args.json and Path(args.json).is_file():  # a killed or narrower earlier run: keep its rows
         rows = json.loads(Path(args.json).read_text())["rows"]
+    for other in args.merge:
+        merged = {(r["mixture"], r["draw"], r["k"], r["method"]): r for r in rows}
+        merged.update({(r["mixture"], r["draw"], r["k"], r["method"]): r
+                       for r in json.loads(Path(other).read_text())["rows"]})
+        rows = list(merged.values())
+    for mixture in dict.fromkeys(r["mixture"] for r in rows):  # the dense reference of merged mixtures too
+        genres = [g for g in GENRES if g not in mixture_texts(mixture)]
+        dense[mixture] = {"ppl": held_out.ppl([], genres)}
+        dense[mixture]["geomean"] = geometric_mean(dense[mixture]["ppl"].values())
     done = {(r["mixture"], r["draw"], r["k"], r["method"]) for r in rows}
 
     def save():
         summary = summarise(rows)
         write_result(args.json, {"arguments": vars(args), "genres": GENRES, "dense": dense, "rows": rows,
-                                 "summary": summary, "markdown": markdown(rows, summary)})
+                                 "summary": summary, "mixtures": compare_mixtures(rows),
+                                 "markdown": markdown(rows, summary)})
 
     for mixture in mixtures:
         genres = [g for g in GENRES if g not in mixture_texts(mixture)]
