@@ -189,6 +189,16 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
+def merge_rows(rows: list[dict], other: list[dict]) -> list[dict]:
+    """`rows` and `other` as one race; a row of `other` replaces the one for the same (mixture, draw, k, method)."""
+    def key(r):
+        return r["mixture"], r["draw"], r["k"], r["method"]
+
+    merged = {key(r): r for r in rows}
+    merged.update({key(r): r for r in other})
+    return list(merged.values())
+
+
 def compare_mixtures(rows: list[dict]) -> list[dict]:
     """Which calibration mixture serves held-out text best: per k and method, each mixture's plans judged on
     the genres that no raced mixture contains (the same genres for every mixture), mean and worst over draws."""
@@ -272,10 +282,7 @@ def main() -> None:
     if args.resume and args.json and Path(args.json).is_file():  # a killed or narrower earlier run: keep its rows
         rows = json.loads(Path(args.json).read_text())["rows"]
     for other in args.merge:
-        merged = {(r["mixture"], r["draw"], r["k"], r["method"]): r for r in rows}
-        merged.update({(r["mixture"], r["draw"], r["k"], r["method"]): r
-                       for r in json.loads(Path(other).read_text())["rows"]})
-        rows = list(merged.values())
+        rows = merge_rows(rows, json.loads(Path(other).read_text())["rows"])
     for mixture in dict.fromkeys(r["mixture"] for r in rows):  # the dense reference of merged mixtures too
         genres = [g for g in GENRES if g not in mixture_texts(mixture)]
         dense[mixture] = {"ppl": held_out.ppl([], genres)}

@@ -31,6 +31,26 @@ def test_summary_is_the_ratio_to_each_draws_best_rival():
     assert "| c4 | 7 | shapley+confirm | 0.900 (shortgpt), 1.100 (angular) | 1.000 | 1.100 |" in race.markdown(rows, [summary])
 
 
+def test_mixtures_are_compared_on_the_genres_none_of_them_contains():
+    ppl = {"c4": 30.0, "wiki": 20.0, "code": 10.0, "tiny": 4.0, "technical": 9.0, "multilingual": 1.0}
+    rows = [{"mixture": "c4", "k": 7, "draw": 0, "method": "shapley", "ppl": ppl},
+            {"mixture": "c4", "k": 7, "draw": 1, "method": "shapley", "ppl": {**ppl, "tiny": 36.0}},
+            {"mixture": "c4,wiki,code", "k": 7, "draw": 0, "method": "shapley", "ppl": {**ppl, "wiki": 1e9}}]
+    c4, mix = race.compare_mixtures(rows)
+    assert c4["genres"] == mix["genres"] == ["tiny", "technical", "multilingual"]  # wiki, c4, code are in one
+    assert (c4["draws"], c4["mean"], c4["worst"]) == (2, pytest.approx((3.3019 + 6.8683) / 2, rel=1e-4),
+                                                      pytest.approx(6.8683, rel=1e-4))
+    assert mix["mean"] == pytest.approx(3.3019, rel=1e-4)  # wiki's 1e9 is not judged: the mixture saw wiki
+    assert race.compare_mixtures(rows[:2]) == []  # one mixture: nothing to compare
+
+
+def test_merged_parts_keep_every_row_and_the_newer_of_a_repeat():
+    a = [{"mixture": "c4", "draw": 0, "k": 7, "method": "sleb", "geomean": 1.0}]
+    b = [{"mixture": "c4", "draw": 0, "k": 7, "method": "sleb", "geomean": 2.0},
+         {"mixture": "c4", "draw": 1, "k": 7, "method": "sleb", "geomean": 3.0}]
+    assert [r["geomean"] for r in race.merge_rows(a, b)] == [2.0, 3.0]
+
+
 def test_sleb_at_a_smaller_k_is_the_first_steps_of_the_longer_run(monkeypatch):
     """SLEB is greedy: its plan at k is the first k steps of its run at a larger k, and so is its cost."""
     import torch
