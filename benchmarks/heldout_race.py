@@ -8,10 +8,11 @@ draw, and summarised as the geometric mean of the perplexities over those genres
 variants are compared with the best rival of that draw (the lowest geometric mean among the other methods);
 the summary gives the mean and the worst of that ratio over the draws.
 
-Methods: `shapley` (the default settings), `shapley-kl` (the default with `--utility kl`), `shapley+confirm` (the default with `--confirm` rounds of
-successive halving on fresh calibration windows; it also reports `shapley+confirm:screened`, the plan its
-screening alone would have kept, i.e. the same run without the confirmation step), `shortgpt`, `angular`,
-`loo`, `sleb`, `paper` (the paper preset's recipe at `--paper-budget` masks on the same windows).
+Methods: `shapley` (the default settings), `shapley-kl` (the default with `--utility kl`), `shapley+confirm`
+(the default with `--confirm` rounds of successive halving on fresh calibration windows; it also reports
+`shapley+confirm:screened`, the plan its screening alone would have kept, i.e. the same run without the
+confirmation step), any of them at another budget with `@B` (`shapley@64`: `--budget 64`), `shortgpt`,
+`angular`, `loo`, `sleb`, `paper` (the paper preset's recipe at `--paper-budget` masks on the same windows).
 
 Cost: every row has the method's `cost` (passes and token-passes used, and paid by this run). The layershap
 variants of one draw share an evaluation store under `--cache`, so their paid cost and seconds can be lower
@@ -54,6 +55,11 @@ from layershap.plan.search import removal_mask
 
 GENRES = list(PACKAGED_TEXTS)  # wiki, c4, code, tiny, technical, multilingual
 LAYERSHAP = ("shapley", "shapley-kl", "shapley+confirm", "shapley+confirm:screened")
+
+
+def is_layershap(method: str) -> bool:
+    """A layershap variant (judged against the rivals), `@B` budgets included: `shapley@64`, `shapley-kl@64`."""
+    return method.partition("@")[0] in LAYERSHAP
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
@@ -137,9 +143,11 @@ def run_method(method, model, tokenizer, mixture, calibration, k, args, store) -
     options = {}
     name = method
     if method.startswith("shapley"):
-        confirm = args.confirm if method == "shapley+confirm" else 0
-        utility = {"utility": "kl"} if method == "shapley-kl" else {}
-        options["settings"] = EstimateSettings(**({"budget": args.budget} if args.budget else {}), **utility,
+        variant, _, budget = method.partition("@")  # shapley@64: the same at --budget 64
+        budget = int(budget) if budget else args.budget
+        confirm = args.confirm if variant == "shapley+confirm" else 0
+        utility = {"utility": "kl"} if variant == "shapley-kl" else {}
+        options["settings"] = EstimateSettings(**({"budget": budget} if budget else {}), **utility,
                                                target_removed=k, seed=calibration.seed, confirm=confirm)
         options["store"] = store
         name = "shapley"
@@ -171,11 +179,11 @@ def summarise(rows: list[dict]) -> list[dict]:
         for k in sorted({r["k"] for r in rows if r["mixture"] == mixture}):
             cell = [r for r in rows if r["mixture"] == mixture and r["k"] == k]
             draws = sorted({r["draw"] for r in cell})
-            for variant in [m for m in LAYERSHAP if any(r["method"] == m for r in cell)]:
+            for variant in [m for m in dict.fromkeys(r["method"] for r in cell) if is_layershap(m)]:
                 ratios, per_draw = [], []
                 for d in draws:
                     here = {r["method"]: r["geomean"] for r in cell if r["draw"] == d}
-                    rivals = {m: v for m, v in here.items() if m not in LAYERSHAP}
+                    rivals = {m: v for m, v in here.items() if not is_layershap(m)}
                     if variant not in here or not rivals:
                         continue
                     best = min(rivals, key=rivals.get)

@@ -31,6 +31,15 @@ def test_summary_is_the_ratio_to_each_draws_best_rival():
     assert "| c4 | 7 | shapley+confirm | 0.900 (shortgpt), 1.100 (angular) | 1.000 | 1.100 |" in race.markdown(rows, [summary])
 
 
+def test_budget_variants_are_judged_against_the_rivals_only():
+    rows = [{"mixture": "c4", "k": 7, "draw": 0, "method": m, "geomean": g}
+            for m, g in {"shapley": 90.0, "shapley@64": 80.0, "shapley-kl@64": 85.0, "sleb": 100.0}.items()]
+    summary = {s["method"]: s for s in race.summarise(rows)}
+    assert set(summary) == {"shapley", "shapley@64", "shapley-kl@64"}
+    assert summary["shapley"]["mean_ratio"] == pytest.approx(0.9)  # not compared with shapley@64's 80
+    assert summary["shapley@64"]["draws"][0]["best_rival"] == "sleb"
+
+
 def test_mixtures_are_compared_on_the_genres_none_of_them_contains():
     ppl = {"c4": 30.0, "wiki": 20.0, "code": 10.0, "tiny": 4.0, "technical": 9.0, "multilingual": 1.0}
     rows = [{"mixture": "c4", "k": 7, "draw": 0, "method": "shapley", "ppl": ppl},
