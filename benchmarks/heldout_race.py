@@ -226,6 +226,41 @@ def compare_mixtures(rows: list[dict]) -> list[dict]:
     return out
 
 
+def block_ranges(blocks) -> str:
+    """[5, 12, 13, 14] -> '5, 12-14'."""
+    runs: list[list[int]] = []
+    for b in sorted(blocks):
+        if runs and b == runs[-1][-1] + 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def per_draw_tables(rows: list[dict]) -> list[str]:
+    """One table per (mixture, k): a row per draw, a column per method (plan: geomean), the draw's best in bold."""
+    lines = []
+    for mixture in dict.fromkeys(r["mixture"] for r in rows):
+        for k in sorted({r["k"] for r in rows if r["mixture"] == mixture}):
+            cell = [r for r in rows if r["mixture"] == mixture and r["k"] == k]
+            methods = list(dict.fromkeys(r["method"] for r in cell))
+            lines += ["", f"`{mixture}`, k = {k}:", "", "| draw | " + " | ".join(methods) + " |",
+                      "|---" * (len(methods) + 1) + "|"]
+            for d in sorted({r["draw"] for r in cell}):
+                here = {r["method"]: r for r in cell if r["draw"] == d}
+                best = min(r["geomean"] for r in here.values())
+                entries = []
+                for m in methods:
+                    if m not in here:
+                        entries.append("")
+                        continue
+                    value = f"{here[m]['geomean']:.2f}"
+                    entries.append(f"{block_ranges(here[m]['removed'])}: "
+                                   + (f"**{value}**" if here[m]["geomean"] == best else value))
+                lines.append(f"| {d} | " + " | ".join(entries) + " |")
+    return lines
+
+
 def markdown(rows: list[dict], summary: list[dict]) -> str:
     lines = [("| mixture | k | draw | method | removed | geomean ppl | used passes | used token-passes (M) | "
              "seconds (cold) |"), "|---|---|---|---|---|---|---|---|---|"]
@@ -245,7 +280,7 @@ def markdown(rows: list[dict], summary: list[dict]) -> str:
                   "", "| k | method | mixture | draws | mean geomean ppl | worst |", "|---|---|---|---|---|---|"]
         lines += [f"| {m['k']} | {m['method']} | {m['mixture']} | {m['draws']} | {m['mean']:.2f} | {m['worst']:.2f} |"
                   for m in mixtures]
-    return "\n".join(lines)
+    return "\n".join(lines + per_draw_tables(rows))
 
 
 def main() -> None:

@@ -31,6 +31,14 @@ def test_summary_is_the_ratio_to_each_draws_best_rival():
     assert "| c4 | 7 | shapley+confirm | 0.900 (shortgpt), 1.100 (angular) | 1.000 | 1.100 |" in race.markdown(rows, [summary])
 
 
+def test_block_ranges_and_the_per_draw_table():
+    assert race.block_ranges([18, 5, 12, 13, 14, 16, 17]) == "5, 12-14, 16-18"
+    rows = [{"mixture": "c4", "k": 2, "draw": 0, "method": m, "removed": r, "geomean": g}
+            for m, r, g in [("shapley", [3, 4], 9.5), ("sleb", [1, 4], 9.25)]]
+    table = race.per_draw_tables(rows)
+    assert table[-3:] == ["| draw | shapley | sleb |", "|---|---|---|", "| 0 | 3-4: 9.50 | 1, 4: **9.25** |"]
+
+
 def test_budget_variants_are_judged_against_the_rivals_only():
     rows = [{"mixture": "c4", "k": 7, "draw": 0, "method": m, "geomean": g}
             for m, g in {"shapley": 90.0, "shapley@64": 80.0, "shapley-kl@64": 85.0, "sleb": 100.0}.items()]
