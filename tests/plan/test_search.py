@@ -112,7 +112,7 @@ def test_refine_measures_the_seed_plans_first(tmp_path):
     assert len(result.masks) == 6 and len({m.tobytes() for m in result.masks}) == 6
 
 
-def test_neighbours_are_the_unmeasured_single_swaps_best_predicted_first_then_alternating():
+def test_neighbours_are_the_unmeasured_single_swaps_best_predicted_first():
     from layershap.plan.refine import _unmeasured_neighbours
 
     predict = _quadratic(8, 3)
@@ -131,23 +131,4 @@ def test_neighbours_are_the_unmeasured_single_swaps_best_predicted_first_then_al
     assert len(found) == len(swaps) == 9
     assert {m.tobytes() for m in found} == {m.tobytes() for m in swaps}
     scores = predict(np.array(found))
-    assert scores[0] == predict(np.array(swaps)).max()
-
-
-def test_every_second_neighbour_removes_a_block_no_measured_swap_has_tried():
-    """A surrogate sure that removing block 0 is best would spend every swap on block 0; every second pick
-    goes to the best predicted swap of the least tried block instead (block 2: one measured swap already)."""
-    from layershap.plan.refine import _unmeasured_neighbours
-
-    def predict(masks):
-        return 10.0 * ~masks[:, 0] + (~masks * np.arange(8) * 0.01).sum(axis=1)
-
-    best = np.ones(8, dtype=bool)
-    best[[1, 4]] = False
-    measured = best.copy()
-    measured[[1, 2]] = [True, False]
-    found = _unmeasured_neighbours(predict, np.array([best, measured]), best, protect=(7,), wanted=4)
-    newly_removed = [int(np.flatnonzero(best & ~m)[0]) for m in found]
-    restored = [int(np.flatnonzero(~best & m)[0]) for m in found]
-    assert newly_removed == [0, 6, 0, 5]
-    assert restored == [1, 1, 4, 1]
+    assert (np.diff(scores) <= 1e-12).all()

@@ -3,9 +3,8 @@
 After the stratified estimate, the seed plans (the one-pass baselines' choices, `seeds.py`) are measured
 first. Then each round refits the surrogate on everything measured so far and measures, on the real model,
 the most promising unmeasured plans from two places: the surrogate's own best k-removal plans
-(`search.py`), and the single swaps around the best plan measured so far (a local search on the real model,
-which finds what the sampled masks never came near): ranked by the surrogate, every second one chosen to
-remove a block the measured swaps have not tried yet, since the surrogate's errors are about blocks. Rounds repeat until the
+(`search.py`), and the single swaps around the best plan measured so far, ranked by the surrogate (a local
+search on the real model, which finds what the sampled masks never came near). Rounds repeat until the
 budget is spent. The plan returned is the best *measured* one, so a surrogate error can cost quality only
 through what was not tried, never through what is chosen.
 """
@@ -98,39 +97,17 @@ def _unmeasured_top_plans(predict, masks, n, k, protect, start, *, wanted: int) 
 
 
 def _unmeasured_neighbours(predict, masks, best, protect, *, wanted: int) -> list[np.ndarray]:
-    """The unmeasured plans one swap (a removed block kept, a kept block removed) away from `best`: the best
-    predicted, alternating with the best predicted swap of each block no measured neighbour has removed yet.
-
-    The surrogate's mistakes are about blocks: one that is costly to remove alone can be cheap once its
-    neighbours are gone, and a surrogate fitted mostly on other masks keeps rating every swap that removes it
-    low. Ranked by the surrogate alone, the swaps retry the same few blocks (on the default model at k = 10,
-    52 measured swaps around the best plan removed only 8 different blocks, never block 4, whose swap SLEB
-    found 1.7% better on the same windows). So every second pick is the best predicted swap removing a block
-    that the fewest measured or picked neighbours of `best` have removed."""
+    """The unmeasured plans one swap (a removed block kept, a kept block removed) away from `best`, best
+    predicted first."""
     if best is None or wanted <= 0:
         return []
     allowed = allowed_blocks(len(best), protect)
     seen = {m.tobytes() for m in masks}
-    swaps = single_swaps(best, allowed)
-    newly_removed = np.argmax(best[None] & ~swaps, axis=1) if len(swaps) else np.zeros(0, dtype=int)
-    fresh = np.array([m.tobytes() not in seen for m in swaps], dtype=bool)
-    if not fresh.any():
+    fresh = np.array([m for m in single_swaps(best, allowed) if m.tobytes() not in seen])
+    if len(fresh) == 0:
         return []
-    tries = {int(b): 0 for b in newly_removed}
-    for b in newly_removed[~fresh]:
-        tries[int(b)] += 1  # neighbours of `best` already measured
-    ranked = [i for i in np.argsort(-predict(swaps), kind="stable") if fresh[i]]
-    picked: list[int] = []
-    while len(picked) < min(wanted, len(ranked)):
-        left = [i for i in ranked if i not in picked]
-        if len(picked) % 2 == 0:
-            choice = left[0]
-        else:
-            fewest = min(tries[int(newly_removed[i])] for i in left)
-            choice = next(i for i in left if tries[int(newly_removed[i])] == fewest)
-        picked.append(choice)
-        tries[int(newly_removed[choice])] += 1
-    return [swaps[i] for i in picked]
+    order = np.argsort(-predict(fresh), kind="stable")
+    return [fresh[i] for i in order[:wanted]]
 
 
 def best_measured(masks: np.ndarray, nlls: np.ndarray, k: int, protect, base_nll: float) -> np.ndarray | None:
