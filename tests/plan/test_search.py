@@ -132,3 +132,49 @@ def test_neighbours_are_the_unmeasured_single_swaps_best_predicted_first():
     assert {m.tobytes() for m in found} == {m.tobytes() for m in swaps}
     scores = predict(np.array(found))
     assert (np.diff(scores) <= 1e-12).all()
+
+
+def test_first_order_swaps_rank_by_the_two_measured_halves():
+    from layershap.plan.refine import first_order_swaps
+
+    best = np.array([True, False, True, True, False, True])  # removes 1 and 4
+    kept, removed = np.array([0, 2, 3, 5]), np.array([1, 4])
+    remove_cost = [0.5, 0.1, 0.35, 0.9]  # nll(best with this kept block also removed) - nll(best)
+    restore_cost = [-0.2, 0.0]  # nll(best with this block restored) - nll(best)
+    measured = best.copy()
+    measured[[1, 2]] = [True, False]  # restore 1, remove 2: already measured, not proposed again
+    swaps = first_order_swaps(best, kept, removed, remove_cost, restore_cost, measured={measured.tobytes()})
+    pairs = [(int(np.flatnonzero(~best & s)[0]), int(np.flatnonzero(best & ~s)[0])) for s in swaps]
+    assert pairs == [(4, 2), (1, 3), (1, 0), (4, 3), (4, 0), (1, 5), (4, 5)]  # (restored, removed)
+
+
+def test_refine_ends_by_measuring_every_plan_one_block_from_its_best(tmp_path):
+    """The polish: around one measured k-removal plan, every plan with a block more removed and every plan
+    with one restored are measured (so a swap whose halves are each cheap is found), within the budget; a
+    budget too small to pay for it (more than half of what the refinement has) skips it."""
+    from layershap.estimate.budget import mask_share, spent
+
+    model, game = _tiny_game()
+    share = mask_share(6)
+
+    def polished(masks):
+        measured = {m.tobytes() for m in masks}
+        for plan in (m for m in masks if m.sum() == 4):
+            near = [m for m in masks if m.sum() in (3, 5) and (m != plan).sum() == 1]
+            if len(near) == 4 + 2 and all(m.tobytes() in measured for m in near):
+                return True
+        return False
+
+    with open_store(model, tmp_path / "s.sqlite") as store:
+        first = estimate(game, store, EstimateSettings(budget=20, target_removed=2))
+        near_full = first.masks.sum(axis=1) >= 5  # the full model and single removals: no plan of 3 removals
+        first_masks, first_nlls = first.masks[near_full], first.nlls[near_full]
+        assert len(first_masks) == 7
+        start = spent(first_masks, share)
+        result = refine(game, store, first_masks, first_nlls, k=2, budget=start + 16, surrogate="pairwise",
+                        seed=0, share=share)
+        small = refine(game, store, first_masks, first_nlls, k=2, budget=start + 4, surrogate="pairwise",
+                       seed=0, share=share)
+    assert polished(result.masks)
+    assert spent(result.masks, share) <= start + 16 + 1e-9
+    assert not polished(small.masks)

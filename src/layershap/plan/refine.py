@@ -5,7 +5,9 @@ first. Then each round refits the surrogate on everything measured so far and me
 the most promising unmeasured plans from two places: the surrogate's own best k-removal plans
 (`search.py`), and the single swaps around the best plan measured so far, ranked by the surrogate (a local
 search on the real model, which finds what the sampled masks never came near). Rounds repeat until the
-budget is spent. The plan returned is the best *measured* one, so a surrogate error can cost quality only
+budget is spent, but for a last step (the polish) that measures every plan one block more or one block
+fewer than the best plan and the swaps those first-order differences rate best. The plan returned is the
+best *measured* one, so a surrogate error can cost quality only
 through what was not tried, never through what is chosen.
 """
 
@@ -53,8 +55,11 @@ def refine(game: LayerGame, store: EvaluationStore, masks: np.ndarray, nlls: np.
     masks, nlls = np.asarray(masks, dtype=bool), np.asarray(nlls, dtype=float)
     seen = {m.tobytes() for m in masks}
 
+    polish = _polish_cost(n, k, protect, share, plan_share)
+    polish = polish if polish <= POLISH_MAX_SHARE * (budget - spent(masks, share)) else 0.0
+
     def affordable() -> int:
-        left = budget - spent(masks, share)
+        left = budget - polish - spent(masks, share)
         return max(0, math.floor((left + SPENT_TOLERANCE) / plan_share))
 
     first = list({m.tobytes(): m for m in (removal_mask(n, s) for s in seeds)
@@ -78,7 +83,86 @@ def refine(game: LayerGame, store: EvaluationStore, masks: np.ndarray, nlls: np.
         nlls = np.concatenate([nlls, new])
         evaluations += evaluated
         rounds += 1
-    return Refinement(masks, nlls, best_measured(masks, nlls, k, protect, base), evaluations, rounds)
+    best = best_measured(masks, nlls, k, protect, base)
+    if polish and best is not None:
+        masks, nlls, evaluated = _polish(game, store, masks, nlls, best, protect, base,
+                                         swaps=min(POLISH_SWAPS, max(0, math.floor(
+                                             (budget - spent(masks, share) - _probes_cost(best, protect, share)
+                                              + SPENT_TOLERANCE) / plan_share))))
+        evaluations += evaluated
+        best = best_measured(masks, nlls, k, protect, base)
+    return Refinement(masks, nlls, best, evaluations, rounds)
+
+
+# The last step measures, around the best plan, every plan with one block more removed and every plan with
+# one block restored (SLEB's trials, but from the best plan), and then the POLISH_SWAPS swaps these
+# first-order differences rate best; it takes at most POLISH_MAX_SHARE of what the refinement has to spend.
+POLISH_SWAPS = 4
+POLISH_MAX_SHARE = 0.5
+
+
+def _probes(best: np.ndarray, protect) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(blocks kept, blocks removed, the plans with one more removed, the plans with one restored)."""
+    allowed = allowed_blocks(len(best), protect)
+    kept, removed = allowed[best[allowed]], allowed[~best[allowed]]
+    more = np.repeat(best[None], len(kept), axis=0)
+    more[np.arange(len(kept)), kept] = False
+    fewer = np.repeat(best[None], len(removed), axis=0)
+    fewer[np.arange(len(removed)), removed] = True
+    return kept, removed, more, fewer
+
+
+def _probes_cost(best: np.ndarray, protect, share) -> float:
+    _, _, more, fewer = _probes(best, protect)
+    return spent([*more, *fewer], share)
+
+
+def _polish_cost(n: int, k: int, protect, share, plan_share: float) -> float:
+    """What the polish will spend on a plan removing k of n blocks (its probes and swaps), or 0 when there is
+    nothing to polish (no block to remove or restore)."""
+    if k == 0 or k >= len(allowed_blocks(n, protect)):
+        return 0.0
+    return _probes_cost(removal_mask(n, list(allowed_blocks(n, protect)[:k])), protect, share) + POLISH_SWAPS * plan_share
+
+
+def first_order_swaps(best, kept, removed, remove_cost, restore_cost, *, measured=()) -> list[np.ndarray]:
+    """The unmeasured swaps of `best` (restore removed[j], remove kept[i]), lowest first-order estimate
+    remove_cost[i] + restore_cost[j] first."""
+    estimates = []
+    for i, b in enumerate(kept):
+        for j, r in enumerate(removed):
+            swap = best.copy()
+            swap[[b, r]] = [False, True]
+            if swap.tobytes() not in measured:
+                estimates.append((remove_cost[i] + restore_cost[j], len(estimates), swap))
+    return [swap for *_, swap in sorted(estimates, key=lambda item: item[:2])]
+
+
+def _polish(game, store, masks, nlls, best, protect, base, *, swaps: int):
+    """Measure the probes around `best`, then the `swaps` unmeasured swaps with the lowest first-order
+    estimate: nll(best) + (nll with b also removed - nll(best)) + (nll with r restored - nll(best)) for the
+    swap that restores r and removes b. A surrogate fitted mostly on other masks can rate a swap low whose
+    two halves are each cheap once the rest of the plan is gone (at k = 10 on the default model it never
+    tried restoring 25 and removing 4, SLEB's plan, 1.7% better on the same windows); the probes measure
+    both halves on the real model."""
+    kept, removed, more, fewer = _probes(best, protect)
+    probes = np.concatenate([more, fewer])
+    new, evaluated, _ = evaluate_masks(game, store, probes, description="polishing")
+    known = {m.tobytes(): float(v) for m, v in zip(masks, nlls, strict=True)}
+    fresh = [i for i, m in enumerate(probes) if m.tobytes() not in known]
+    masks = np.concatenate([masks, probes[fresh]])
+    nlls = np.concatenate([nlls, np.asarray(new, dtype=float)[fresh]])
+    known.update({m.tobytes(): float(v) for m, v in zip(probes, new, strict=True)})
+    centre = bounded_nll(known[best.tobytes()], base)
+    remove_cost = [bounded_nll(known[m.tobytes()], base) - centre for m in more]
+    restore_cost = [bounded_nll(known[m.tobytes()], base) - centre for m in fewer]
+    chosen = first_order_swaps(best, kept, removed, remove_cost, restore_cost, measured=known)[:swaps]
+    if chosen:
+        new, more_evaluated, _ = evaluate_masks(game, store, np.array(chosen), description="polishing (swaps)")
+        masks = np.concatenate([masks, np.array(chosen)])
+        nlls = np.concatenate([nlls, np.asarray(new, dtype=float)])
+        evaluated += more_evaluated
+    return masks, nlls, evaluated
 
 
 def _unmeasured_top_plans(predict, masks, n, k, protect, start, *, wanted: int) -> list[np.ndarray]:
