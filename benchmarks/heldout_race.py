@@ -111,16 +111,27 @@ def loo_from_store(model, calibration, k: int, store) -> tuple[list[int], Cost]:
 class GreedySleb:
     """SLEB at every k of a draw from one run at the largest: its first k greedy steps are SLEB at k, so the
     plan, cost and seconds at a smaller k are read off the longer run's steps (each step's trials are what
-    SLEB at that k would run, and they are timed per step)."""
+    SLEB at that k would run, and they are timed per step). With a `directory`, the steps are kept there
+    per calibration, so a restarted race does not run SLEB again."""
 
-    def __init__(self):
-        self.runs: dict[str, dict] = {}
+    def __init__(self, directory: Path | None = None):
+        self.directory = directory
+        self.runs: dict[str, list[dict]] = {}
+
+    def steps(self, model, calibration, k_max: int) -> list[dict]:
+        key = f"{calibration.fingerprint()}-n{num_layers(model)}"
+        if len(self.runs.get(key, [])) < k_max:
+            path = self.directory / f"sleb-{key}.json" if self.directory else None
+            steps = json.loads(path.read_text()) if path and path.is_file() else []
+            if len(steps) < k_max:
+                steps = select_layers("sleb", model, calibration, k_max).details["steps"]
+                if path:
+                    write_json(path, steps)
+            self.runs = {key: steps}
+        return self.runs[key]
 
     def plan(self, model, calibration, k: int, k_max: int) -> dict:
-        key = calibration.fingerprint()
-        if key not in self.runs:
-            self.runs = {key: select_layers("sleb", model, calibration, k_max).details}
-        steps = self.runs[key]["steps"][:k]
+        steps = self.steps(model, calibration, k_max)[:k]
         n, tokens = num_layers(model), int(calibration.tokens.numel())
         cost = Cost()
         for t in range(k):
@@ -320,6 +331,7 @@ def main() -> None:
     ks = sorted({int(v) for v in args.ks.split(",") if v}
                 | {layers_to_remove(float(r), n) for r in args.ratios.split(",") if r})
     args.k_values = ks
+    SLEB.directory = cache / "sleb"
     rows: list[dict] = []
     dense = {}
     if args.resume and args.json and Path(args.json).is_file():  # a killed or narrower earlier run: keep its rows

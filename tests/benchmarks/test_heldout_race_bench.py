@@ -88,3 +88,25 @@ def test_sleb_at_a_smaller_k_is_the_first_steps_of_the_longer_run(monkeypatch):
     assert short["cost"]["passes"] == sleb_passes(6, 2) == direct.cost.passes
     assert short["cost"]["token_passes"] == direct.cost.token_passes
     assert long["cost"]["passes"] == sleb_passes(6, 3)
+
+
+def test_sleb_steps_kept_on_disk_are_not_run_again(tmp_path, monkeypatch):
+    import torch
+    from tiny_models import tiny_model
+
+    from layershap.data.windows import TextWindows
+
+    model = tiny_model("llama")
+    windows = TextWindows(torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0)),
+                          "random", "calibration", 0)
+    first = race.GreedySleb(tmp_path).plan(model, windows, 2, 3)
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("SLEB ran again")
+
+    monkeypatch.setattr(race, "select_layers", no_run)
+    again = race.GreedySleb(tmp_path)
+    assert again.plan(model, windows, 2, 3) == first
+    assert len(again.plan(model, windows, 3, 3)["removed"]) == 3
+    with pytest.raises(AssertionError, match="ran again"):
+        again.plan(model, windows, 4, 4)  # a longer run than the one kept
