@@ -66,8 +66,7 @@ def test_shapley_uses_the_same_on_a_warm_store_and_pays_only_the_traced_pass(lla
     assert cold.cost.token_passes == warm.cost.token_passes
     assert cold.cost.paid_passes == cold.cost.passes and cold.cost.paid_token_passes == cold.cost.token_passes
     assert warm.cost.paid_passes == 1 and warm.cost.paid_token_passes == TOKENS * (N + 1)  # the traced pass
-    # used masks: at most the budget, and token-passes no more than that many full-size passes
-    assert cold.cost.passes <= settings.budget
+    # token-passes no more than the budget's full-size passes (the masks can be more: most keep fewer blocks)
     assert cold.cost.full_size_passes(TOKENS, N) <= settings.budget
     assert cold.cost.token_passes < cold.cost.passes * TOKENS * (N + 1)
 
