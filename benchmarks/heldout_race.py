@@ -60,6 +60,8 @@ LAYERSHAP = ("shapley", "shapley-kl", "shapley+confirm", "shapley+confirm:screen
 def is_layershap(method: str) -> bool:
     """A layershap variant (judged against the rivals), `@B` budgets included: `shapley@64`, `shapley-kl@64`."""
     return method.partition("@")[0] in LAYERSHAP
+
+
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
@@ -337,6 +339,8 @@ def main() -> None:
     if args.resume and args.json and Path(args.json).is_file():  # a killed or narrower earlier run: keep its rows
         rows = json.loads(Path(args.json).read_text())["rows"]
     for other in args.merge:
+        if not Path(other).is_file():
+            parser.error(f"--merge {other}: no such file")
         rows = merge_rows(rows, json.loads(Path(other).read_text())["rows"])
     for mixture in dict.fromkeys(r["mixture"] for r in rows):  # the dense reference of merged mixtures too
         genres = [g for g in GENRES if g not in mixture_texts(mixture)]
