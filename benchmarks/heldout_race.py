@@ -20,9 +20,16 @@ than on a cold store; the used cost is what they would spend on a cold one. `loo
 store (the target sampler measures the full model and every single removal first, which is all
 leave-one-out needs); its cost is its own, n + 1 full passes. Held-out perplexities are cached by plan.
 
-    python benchmarks/heldout_race.py --draws 3 --mixtures 'c4' --ks 7 --budget 128 --json race.json
-    python benchmarks/heldout_race.py --draws 5 --mixtures 'c4;c4,wiki,code' --ks 7,10 \\
-        --methods shapley,shapley+confirm,shortgpt,angular,loo,sleb,paper --json race.json
+The whole grid (5 draws x 2 mixtures x k = 7, 8 (ratio 0.25), 10; every method but the paper preset) is the
+defaults, one process, about 6 hours on 2 CPU cores:
+
+    python benchmarks/heldout_race.py --json race.json
+
+Parts of it can run side by side (each with its own --json, one thread each) and be joined:
+
+    OMP_NUM_THREADS=1 python benchmarks/heldout_race.py --mixtures c4 --ks 7 --ratios "" --json a.json &
+    OMP_NUM_THREADS=1 python benchmarks/heldout_race.py --mixtures c4 --ks 10 --store-per draw --json b.json &
+    python benchmarks/heldout_race.py --methods "" --json race.json --merge a.json b.json
 """
 
 from __future__ import annotations
@@ -301,7 +308,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5, help="calibration draws (seeds 0..draws-1)")
     parser.add_argument("--first-draw", type=int, default=0)
     parser.add_argument("--mixtures", default="c4;c4,wiki,code", help="calibration mixtures, separated by ;")
-    parser.add_argument("--methods", default="shapley,shapley+confirm,shortgpt,angular,loo,sleb")
+    parser.add_argument("--methods", default="shapley,shapley-kl,shortgpt,angular,loo,sleb")
     parser.add_argument("--ks", default="7,10")
     parser.add_argument("--ratios", default="0.25", help="also the k of these ratios (compare's default: 0.25)")
     parser.add_argument("--budget", type=int, default=None, help="shapley's --budget (default: the library's)")
@@ -309,7 +316,7 @@ def main() -> None:
     parser.add_argument("--confirm", type=int, default=3, help="halving rounds of shapley+confirm")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--eval-samples", type=int, default=4, help="held-out windows per genre")
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--cache", default=str(CACHE), help="stores and held-out perplexities, kept across runs")
     parser.add_argument("--json", default=None)
