@@ -85,10 +85,9 @@ def refine(game: LayerGame, store: EvaluationStore, masks: np.ndarray, nlls: np.
         rounds += 1
     best = best_measured(masks, nlls, k, protect, base)
     if polish and best is not None:
-        masks, nlls, evaluated = _polish(game, store, masks, nlls, best, protect, base,
-                                         swaps=min(POLISH_SWAPS, max(0, math.floor(
-                                             (budget - spent(masks, share) - _probes_cost(best, protect, share)
-                                              + SPENT_TOLERANCE) / plan_share))))
+        left = budget - spent(masks, share) - _probes_cost(best, protect, share)  # as if every probe were new
+        swaps = min(POLISH_SWAPS, max(0, math.floor((left + SPENT_TOLERANCE) / plan_share)))
+        masks, nlls, evaluated = _polish(game, store, masks, nlls, best, protect, base, swaps=swaps)
         evaluations += evaluated
         best = best_measured(masks, nlls, k, protect, base)
     return Refinement(masks, nlls, best, evaluations, rounds)
