@@ -349,10 +349,9 @@ def main() -> None:
         if not Path(other).is_file():
             parser.error(f"--merge {other}: no such file")
         rows = merge_rows(rows, json.loads(Path(other).read_text())["rows"])
-    for mixture in dict.fromkeys(r["mixture"] for r in rows):  # the dense reference of merged mixtures too
-        genres = [g for g in GENRES if g not in mixture_texts(mixture)]
-        dense[mixture] = {"ppl": held_out.ppl([], genres)}
-        dense[mixture]["geomean"] = geometric_mean(dense[mixture]["ppl"].values())
+    for mixture in dict.fromkeys([*mixtures, *(r["mixture"] for r in rows)]):  # merged mixtures' too
+        ppl = held_out.ppl([], [g for g in GENRES if g not in mixture_texts(mixture)])
+        dense[mixture] = {"ppl": ppl, "geomean": geometric_mean(ppl.values())}
     done = {(r["mixture"], r["draw"], r["k"], r["method"]) for r in rows}
 
     def save():
@@ -362,9 +361,7 @@ def main() -> None:
                                  "markdown": markdown(rows, summary)})
 
     for mixture in mixtures:
-        genres = [g for g in GENRES if g not in mixture_texts(mixture)]
-        dense[mixture] = {"ppl": held_out.ppl([], genres)}
-        dense[mixture]["geomean"] = geometric_mean(dense[mixture]["ppl"].values())
+        genres = list(dense[mixture]["ppl"])
         for draw in range(args.first_draw, args.first_draw + args.draws):
             calibration = text_windows(mixture, tokenizer, samples=args.samples, seq_len=args.seq_len, seed=draw)
             for k in (sorted(ks, reverse=True) if args.store_per == "draw" else ks):  # draw: the largest k runs cold
