@@ -21,7 +21,7 @@ store (the target sampler measures the full model and every single removal first
 leave-one-out needs); its cost is its own, n + 1 full passes. Held-out perplexities are cached by plan.
 
 The whole grid (5 draws x 2 mixtures x k = 7, 8 (ratio 0.25), 10; every method but the paper preset) is the
-defaults, one process, about 6 hours on 2 CPU cores:
+defaults, one process, about 9 hours on 2 CPU cores:
 
     python benchmarks/heldout_race.py --json race.json
 
