@@ -21,12 +21,18 @@ def _masks(n, count, seed):
     return masks
 
 
-@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
-def test_prefix_sharing_equals_plain_path(family):
+def _model_and_tokens(family):
+    """A tiny model of the family (RWKV as load_model leaves it) and 5 random windows of 20 tokens."""
     model = tiny_model(family)
     if family == "rwkv":
         model.config.rescale_every = 0  # as load_model leaves it
     tokens = torch.randint(0, VOCAB, (5, 20), generator=torch.Generator().manual_seed(0))
+    return model, tokens
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_prefix_sharing_equals_plain_path(family):
+    model, tokens = _model_and_tokens(family)
     masks = _masks(6, 24, seed=1)
     plain = plain_nlls(model, tokens, masks, batch_size=2)
     evaluator = PrefixSharingEvaluator(model, tokens, batch_size=2)
@@ -40,10 +46,7 @@ def test_prefix_sharing_equals_plain_path(family):
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_prefix_sharing_equals_plain_path_for_kl(family):
-    model = tiny_model(family)
-    if family == "rwkv":
-        model.config.rescale_every = 0  # as load_model leaves it
-    tokens = torch.randint(0, VOCAB, (5, 20), generator=torch.Generator().manual_seed(0))
+    model, tokens = _model_and_tokens(family)
     reference = dense_reference(model, tokens, batch_size=2)
     masks = _masks(6, 16, seed=1)
     plain = plain_nlls(model, tokens, masks, batch_size=2, loss=reference)
