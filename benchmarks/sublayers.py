@@ -107,7 +107,8 @@ def main() -> None:
         k_block = blocks_for_parameter_ratio(ratio, n)
         settings = EstimateSettings(seed=args.seed, budget=args.budget)
 
-        def sublayer_row(method: str, **options) -> dict:
+        # the loop's values bound as defaults: each row is built within its own iteration
+        def sublayer_row(method: str, store=store, ratio=ratio, **options) -> dict:
             reused = store.exists()
             started = time.perf_counter()
             plan = select_sublayers(method, model, calibration, ratio, store=store, seed=args.seed, **options)
@@ -121,9 +122,11 @@ def main() -> None:
                     "calibration_ppl": plan.details.get("measured_calibration_ppl"),
                     "block_plan": plan.details.get("block_plan")}
 
-        sub = row(f"shapley-sublayer|r{ratio}|b{args.budget}", lambda: sublayer_row("shapley", settings=settings))
+        sub = row(f"shapley-sublayer|r{ratio}|b{args.budget}",
+                  lambda settings=settings: sublayer_row("shapley", settings=settings))
 
-        def block_row(method: str, plan_remove=None, passes=None) -> dict:
+        def block_row(method: str, plan_remove=None, passes=None, store=store, ratio=ratio, settings=settings,
+                      k_block=k_block) -> dict:
             started = time.perf_counter()
             if plan_remove is None:
                 plan = select_layers(method, model, calibration, k_block, seed=args.seed, store=store,
@@ -136,7 +139,7 @@ def main() -> None:
 
         block = sub["block_plan"]
         row(f"shapley-block|r{ratio}|b{args.budget}",
-            lambda: {**block_row("shapley", block["removed"], block["forward_passes"]),
+            lambda block=block: {**block_row("shapley", block["removed"], block["forward_passes"]),
                      "masks_used": block["masks_used"],
                      "calibration_ppl": block["measured_calibration_ppl"]})
         for method in (m for m in args.block_rivals.split(",") if m):
