@@ -11,7 +11,7 @@ from layershap.estimate.pipeline import EstimateSettings, estimate
 from layershap.game.layer_game import LayerGame
 from layershap.game.store import open_store
 from layershap.plan.refine import best_measured, refine
-from layershap.plan.search import top_removal_masks
+from layershap.plan.search import removal_mask, top_removal_masks
 
 
 def _quadratic(n, seed):
@@ -178,3 +178,28 @@ def test_refine_ends_by_measuring_every_plan_one_block_from_its_best(tmp_path):
     assert polished(result.masks)
     assert spent(result.masks, share) <= start + 16 + 1e-9
     assert not polished(small.masks)
+
+
+def test_polish_starts_again_around_a_better_plan_while_the_budget_holds(monkeypatch):
+    """An additive game (each removed block costs its own amount) where the best plan is two swaps from the
+    start: the first polish finds a plan one swap better, and only a second start, around that plan, reaches
+    the best. A budget that holds one start stops there, and no run spends more than it was given."""
+    from layershap.plan import refine as refine_module
+
+    cost = np.array([5.0, 4.0, 3.0, 2.5, 2.0, 1.5, 0.2, 0.1])  # the best plan removes 6 and 7
+    nll = lambda mask: 1.0 + float(cost[~mask].sum())
+    monkeypatch.setattr(refine_module, "evaluate_masks",
+                        lambda game, store, masks, description: (np.array([nll(m) for m in masks]), len(masks), 0))
+    full, start = np.ones(8, dtype=bool), removal_mask(8, [0, 1])
+    masks, nlls = np.array([full, start]), np.array([nll(full), nll(start)])
+
+    def polish(budget):
+        return refine_module._polish(None, None, masks, nlls, start, 2, (), 1.0, left=lambda m: budget - len(m),
+                                     share=lambda m: 1.0, plan_share=1.0)
+
+    one_start = 2 + 8 + refine_module.POLISH_SWAPS  # what is measured, probes and a batch of swaps
+    for budget, best in ((2 * one_start, [6, 7]), (one_start, [1, 7])):
+        grown, grown_nlls, evaluated = polish(budget)
+        assert len(grown) <= budget and evaluated == len(grown) - 2
+        plan = best_measured(grown, grown_nlls, 2, (), 1.0)
+        assert sorted(np.flatnonzero(~plan)) == best

@@ -6,9 +6,9 @@ the most promising unmeasured plans from two places: the surrogate's own best k-
 (`search.py`), and the single swaps around the best plan measured so far, ranked by the surrogate (a local
 search on the real model, which finds what the sampled masks never came near). Rounds repeat until the
 budget is spent, but for a last step (the polish) that measures every plan one block more or one block
-fewer than the best plan and the swaps those first-order differences rate best. The plan returned is the
-best *measured* one, so a surrogate error can cost quality only
-through what was not tried, never through what is chosen.
+fewer than the best plan and the swaps those first-order differences rate best, again around each better
+plan it finds, for as long as the budget holds. The plan returned is the best *measured* one, so a
+surrogate error can cost quality only through what was not tried, never through what is chosen.
 """
 
 from __future__ import annotations
@@ -55,49 +55,68 @@ def refine(game: LayerGame, store: EvaluationStore, masks: np.ndarray, nlls: np.
     masks, nlls = np.asarray(masks, dtype=bool), np.asarray(nlls, dtype=float)
     seen = {m.tobytes() for m in masks}
 
-    polish = _polish_cost(n, k, protect, share, plan_share)
-    polish = polish if polish <= POLISH_MAX_SHARE * (budget - spent(masks, share)) else 0.0
+    polish = _polish_reserve(_polish_cost(n, k, protect, share, plan_share),
+                             POLISH_MAX_SHARE * (budget - spent(masks, share)))
 
-    def affordable() -> int:
-        left = budget - polish - spent(masks, share)
+    def affordable(reserve: float) -> int:
+        left = budget - reserve - spent(masks, share)
         return max(0, math.floor((left + SPENT_TOLERANCE) / plan_share))
 
     first = list({m.tobytes(): m for m in (removal_mask(n, s) for s in seeds)
-                  if m.tobytes() not in seen}.values())[:affordable()]
-    while affordable() > 0:
-        if first:
-            candidates, first = first, []
-        else:
-            utilities = np.array([game.utility(v, base) for v in nlls])
-            model = make_surrogate(surrogate, n, seed).fit(masks, utilities)
-            wanted = min(per_round, affordable())
-            best = best_measured(masks, nlls, k, protect, base)
-            near = _unmeasured_neighbours(model.predict, masks, best, protect, wanted=(wanted + 1) // 2)
-            far = _unmeasured_top_plans(model.predict, np.concatenate([masks, *[m[None] for m in near]]), n, k,
-                                        protect, start, wanted=wanted - len(near))
-            candidates = near + far
-        if not candidates:
-            break
-        new, evaluated, _ = evaluate_masks(game, store, np.array(candidates), description=f"refining (round {rounds + 1})")
-        masks = np.concatenate([masks, np.array(candidates)])
-        nlls = np.concatenate([nlls, new])
-        evaluations += evaluated
-        rounds += 1
+                  if m.tobytes() not in seen}.values())[:affordable(polish)]
+
+    def spend_rounds(reserve: float) -> None:
+        """Surrogate rounds until what is left beyond `reserve` buys no plan (or nothing is left to try)."""
+        nonlocal masks, nlls, evaluations, rounds, first
+        while affordable(reserve) > 0:
+            if first:
+                candidates, first = first, []
+            else:
+                utilities = np.array([game.utility(v, base) for v in nlls])
+                model = make_surrogate(surrogate, n, seed).fit(masks, utilities)
+                wanted = min(per_round, affordable(reserve))
+                best = best_measured(masks, nlls, k, protect, base)
+                near = _unmeasured_neighbours(model.predict, masks, best, protect, wanted=(wanted + 1) // 2)
+                far = _unmeasured_top_plans(model.predict, np.concatenate([masks, *[m[None] for m in near]]), n,
+                                            k, protect, start, wanted=wanted - len(near))
+                candidates = near + far
+            if not candidates:
+                break
+            new, evaluated, _ = evaluate_masks(game, store, np.array(candidates),
+                                               description=f"refining (round {rounds + 1})")
+            masks = np.concatenate([masks, np.array(candidates)])
+            nlls = np.concatenate([nlls, new])
+            evaluations += evaluated
+            rounds += 1
+
+    spend_rounds(polish)
     best = best_measured(masks, nlls, k, protect, base)
     if polish and best is not None:
-        left = budget - spent(masks, share) - _probes_cost(best, protect, share)  # as if every probe were new
-        swaps = min(POLISH_SWAPS, max(0, math.floor((left + SPENT_TOLERANCE) / plan_share)))
-        masks, nlls, evaluated = _polish(game, store, masks, nlls, best, protect, base, swaps=swaps)
+        masks, nlls, evaluated = _polish(game, store, masks, nlls, best, k, protect, base,
+                                         left=lambda m: budget - spent(m, share), share=share, plan_share=plan_share)
         evaluations += evaluated
+        spend_rounds(0.0)  # what the polish could not use (nothing left to try near its best) goes to the rounds
         best = best_measured(masks, nlls, k, protect, base)
     return Refinement(masks, nlls, best, evaluations, rounds)
 
 
 # The last step measures, around the best plan, every plan with one block more removed and every plan with
-# one block restored (SLEB's trials, but from the best plan), and then the POLISH_SWAPS swaps these
-# first-order differences rate best; it takes at most POLISH_MAX_SHARE of what the refinement has to spend.
+# one block restored (SLEB's trials, but from the best plan), and then, POLISH_SWAPS at a time, the swaps
+# these first-order differences rate best; when a swap beats the best plan, it starts again around the new
+# one. Its reserve holds POLISH_ROUNDS such starts (probes and a first batch of swaps) and at most
+# POLISH_MAX_SHARE of what the refinement has to spend; what a start that finds nothing better leaves of the
+# reserve buys the next-rated swaps.
 POLISH_SWAPS = 4
-POLISH_MAX_SHARE = 0.5
+POLISH_ROUNDS = 2
+POLISH_MAX_SHARE = 0.85
+
+
+def _polish_reserve(one: float, room: float) -> float:
+    """The budget kept back for the polish: as many of POLISH_ROUNDS starts (each costing `one`) as fit in
+    `room`, or 0 (no polish) when not even one does."""
+    if one <= 0:
+        return 0.0
+    return min(POLISH_ROUNDS, math.floor((room + SPENT_TOLERANCE) / one)) * one
 
 
 def _probes(best: np.ndarray, protect) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -137,30 +156,50 @@ def first_order_swaps(best, kept, removed, remove_cost, restore_cost, *, measure
     return [swap for *_, swap in sorted(estimates, key=lambda item: item[:2])]
 
 
-def _polish(game, store, masks, nlls, best, protect, base, *, swaps: int):
-    """Measure the probes around `best`, then the `swaps` unmeasured swaps with the lowest first-order
-    estimate: nll(best) + (nll with b also removed - nll(best)) + (nll with r restored - nll(best)) for the
-    swap that restores r and removes b. A surrogate fitted mostly on other masks can rate a swap low whose
-    two halves are each cheap once the rest of the plan is gone (at k = 10 on the default model it never
-    tried restoring 25 and removing 4, SLEB's plan, 1.7% better on the same windows); the probes measure
-    both halves on the real model."""
-    kept, removed, more, fewer = _probes(best, protect)
-    probes = np.concatenate([more, fewer])
-    new, evaluated, _ = evaluate_masks(game, store, probes, description="polishing")
+def _polish(game, store, masks, nlls, best, k, protect, base, *, left, share, plan_share):
+    """Local search on the real model from `best`, paid from what `left(masks)` says is left of the budget.
+
+    Around a centre plan it measures the probes (one block more removed, one restored), then the unmeasured
+    swaps with the lowest first-order estimate, POLISH_SWAPS at a time: nll(centre) + (nll with b also
+    removed - nll(centre)) + (nll with r restored - nll(centre)) for the swap that restores r and removes b.
+    When a measured swap beats the centre it becomes the new centre (if its probes still fit); otherwise the
+    next-rated swaps are measured, until the budget is spent. Why: a surrogate fitted mostly on other masks
+    can rate a swap low whose two halves are each cheap once the rest of the plan is gone (at k = 10 on the
+    default model it never tried restoring 25 and removing 4, SLEB's plan, 1.7% better on the same windows);
+    and one polish can end one swap short (at k = 8 it twice found a better plan whose own best swap was
+    SLEB's plan)."""
     known = {m.tobytes(): float(v) for m, v in zip(masks, nlls, strict=True)}
-    fresh = [i for i, m in enumerate(probes) if m.tobytes() not in known]
-    masks = np.concatenate([masks, probes[fresh]])
-    nlls = np.concatenate([nlls, np.asarray(new, dtype=float)[fresh]])
-    known.update({m.tobytes(): float(v) for m, v in zip(probes, new, strict=True)})
-    centre = bounded_nll(known[best.tobytes()], base)
-    remove_cost = [bounded_nll(known[m.tobytes()], base) - centre for m in more]
-    restore_cost = [bounded_nll(known[m.tobytes()], base) - centre for m in fewer]
-    chosen = first_order_swaps(best, kept, removed, remove_cost, restore_cost, measured=known)[:swaps]
-    if chosen:
-        new, more_evaluated, _ = evaluate_masks(game, store, np.array(chosen), description="polishing (swaps)")
-        masks = np.concatenate([masks, np.array(chosen)])
-        nlls = np.concatenate([nlls, np.asarray(new, dtype=float)])
-        evaluated += more_evaluated
+    evaluated, probed, centre = 0, set(), best
+
+    def measure(candidates, description):
+        nonlocal masks, nlls, evaluated
+        candidates = np.array(candidates)
+        new, count, _ = evaluate_masks(game, store, candidates, description=description)
+        fresh = [i for i, m in enumerate(candidates) if m.tobytes() not in known]
+        masks = np.concatenate([masks, candidates[fresh]])
+        nlls = np.concatenate([nlls, np.asarray(new, dtype=float)[fresh]])
+        known.update({m.tobytes(): float(v) for m, v in zip(candidates, new, strict=True)})
+        evaluated += count
+
+    while True:
+        kept, removed, more, fewer = _probes(centre, protect)
+        if centre.tobytes() not in probed:
+            missing = [m for m in (*more, *fewer) if m.tobytes() not in known]
+            if spent(missing, share) + plan_share > left(masks) + SPENT_TOLERANCE:
+                break  # a centre without its probes has no first-order estimates
+            if missing:
+                measure(missing, "polishing")
+            probed.add(centre.tobytes())
+        room = math.floor((left(masks) + SPENT_TOLERANCE) / plan_share)
+        mid = bounded_nll(known[centre.tobytes()], base)
+        remove_cost = [bounded_nll(known[m.tobytes()], base) - mid for m in more]
+        restore_cost = [bounded_nll(known[m.tobytes()], base) - mid for m in fewer]
+        chosen = first_order_swaps(centre, kept, removed, remove_cost, restore_cost,
+                                   measured=known)[:min(POLISH_SWAPS, room)]
+        if not chosen:
+            break
+        measure(chosen, "polishing (swaps)")
+        centre = best_measured(masks, nlls, k, protect, base)
     return masks, nlls, evaluated
 
 
