@@ -108,7 +108,7 @@ def refine(game: LayerGame, store: EvaluationStore, masks: np.ndarray, nlls: np.
 # reserve buys the next-rated swaps.
 POLISH_SWAPS = 4
 POLISH_ROUNDS = 2
-POLISH_MAX_SHARE = 0.85
+POLISH_MAX_SHARE = 0.5
 
 
 def _polish_reserve(one: float, room: float) -> float:
