@@ -6,8 +6,8 @@ the most promising unmeasured plans from two places: the surrogate's own best k-
 (`search.py`), and the single swaps around the best plan measured so far, ranked by the surrogate (a local
 search on the real model, which finds what the sampled masks never came near). Rounds repeat until the
 budget is spent, but for a last step (the polish) that measures every plan one block more or one block
-fewer than the best plan and the swaps those first-order differences rate best, again around each better
-plan it finds, for as long as the budget holds. The plan returned is the best *measured* one, so a
+fewer than the best plan and the swaps those first-order differences rate best, again around a better plan
+it finds where the budget holds that. The plan returned is the best *measured* one, so a
 surrogate error can cost quality only through what was not tried, never through what is chosen.
 """
 
