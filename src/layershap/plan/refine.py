@@ -7,8 +7,8 @@ the most promising unmeasured plans from two places: the surrogate's own best k-
 search on the real model, which finds what the sampled masks never came near). Rounds repeat until the
 budget is spent, but for a last step (the polish) that measures every plan one block more or one block
 fewer than the best plan and the swaps those first-order differences rate best, again around a better plan
-it finds where the budget holds that. The plan returned is the best *measured* one, so a
-surrogate error can cost quality only through what was not tried, never through what is chosen.
+it finds where the budget holds that. The plan returned is the best *measured* one, so a surrogate error
+can cost quality only through what was not tried, never through what is chosen.
 """
 
 from __future__ import annotations

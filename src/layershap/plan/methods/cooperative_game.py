@@ -6,10 +6,10 @@ With `plan="lowest"` (the paper, and `--preset paper`) the k blocks with the low
 first the cheap baselines' plans (`layershap.plan.seeds`: ShortGPT and angular from one traced pass, leave-one-out
 from the estimate's single removals), then the k-removal plans the surrogate rates best (its search seeded
 with the lowest-value plan) and the swaps around the best plan measured so far, and last every plan one block
-from the best and the swaps those measurements rate best, again around a better plan where the budget allows (the polish);
-the best measured plan wins (`layershap.plan.refine`), and the reported values use every mask measured. The
-record holds the surrogate's predicted and the measured calibration perplexity of the chosen plan. With `--utility kl` the game measures
-the mean KL from the dense model instead: the record then holds the predicted and measured calibration KL,
+from the best and the swaps those measurements rate best, again around a better plan where the budget
+allows (the polish); the best measured plan wins (`layershap.plan.refine`), and the reported values use every
+mask measured. The record holds the surrogate's predicted and the measured calibration perplexity of the
+chosen plan. With `--utility kl` the game measures the mean KL from the dense model instead: the record then holds the predicted and measured calibration KL,
 and the calibration perplexities of the dense model and the plan from a plain NLL pass of each (through the
 store, under the NLL's own context; like the held-out perplexity, not part of the cost of choosing).
 
