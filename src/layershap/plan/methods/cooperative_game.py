@@ -9,9 +9,10 @@ with the lowest-value plan) and the swaps around the best plan measured so far, 
 from the best and the swaps those measurements rate best, again around a better plan where the budget
 allows (the polish); the best measured plan wins (`layershap.plan.refine`), and the reported values use every
 mask measured. The record holds the surrogate's predicted and the measured calibration perplexity of the
-chosen plan. With `--utility kl` the game measures the mean KL from the dense model instead: the record then holds the predicted and measured calibration KL,
-and the calibration perplexities of the dense model and the plan from a plain NLL pass of each (through the
-store, under the NLL's own context; like the held-out perplexity, not part of the cost of choosing).
+chosen plan. With `--utility kl` the game measures the mean KL from the dense model instead: the record then
+holds the predicted and measured calibration KL, and the calibration perplexities of the dense model and the
+plan from a plain NLL pass of each (through the store, under the NLL's own context; like the held-out
+perplexity, not part of the cost of choosing).
 
 With `settings.confirm` rounds (and fresh windows given as `confirmation_windows`), the best measured plans
 and the seed plans are finalists, and the plan kept is the one that wins successive halving on windows the
