@@ -203,3 +203,15 @@ def test_polish_starts_again_around_a_better_plan_while_the_budget_holds(monkeyp
         assert len(grown) <= budget and evaluated == len(grown) - 2
         plan = best_measured(grown, grown_nlls, 2, (), 1.0)
         assert sorted(np.flatnonzero(~plan)) == best
+
+
+def test_polish_reserve_is_whole_starts_within_its_room_and_never_negative():
+    """The reserve is 0, 1 or POLISH_ROUNDS starts; a room below zero (the estimate spent more than the
+    refinement's budget) reserves nothing rather than lending the rounds budget they do not have."""
+    from layershap.plan.refine import POLISH_ROUNDS, _polish_reserve
+
+    assert _polish_reserve(26.0, 31.5) == 26.0
+    assert _polish_reserve(26.0, 100.0) == POLISH_ROUNDS * 26.0
+    assert _polish_reserve(26.0, 20.0) == 0.0
+    assert _polish_reserve(26.0, -5.0) == 0.0
+    assert _polish_reserve(0.0, 50.0) == 0.0

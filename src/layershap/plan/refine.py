@@ -116,7 +116,8 @@ def _polish_reserve(one: float, room: float) -> float:
     `room`, or 0 (no polish) when not even one does."""
     if one <= 0:
         return 0.0
-    return min(POLISH_ROUNDS, math.floor((room + SPENT_TOLERANCE) / one)) * one
+    starts = min(POLISH_ROUNDS, math.floor((room + SPENT_TOLERANCE) / one))
+    return max(0, starts) * one  # room is negative when the estimate already spent the budget
 
 
 def _probes(best: np.ndarray, protect) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
