@@ -82,7 +82,7 @@ def prune(ctx: typer.Context,
     """Remove round(ratio * n) blocks chosen by a method (or the blocks an earlier run's --plan lists), save
     the model (a directory, or a GGUF holding the kept blocks in their own quantization), and measure
     held-out perplexity before and after."""
-    from layershap.api import prune_model
+    from layershap.api import PruneSettings, prune_model
     from layershap.game.layer_game import check_granularity
     from layershap.models.layers import num_layers
     from layershap.plan.methods import get_method
@@ -113,12 +113,12 @@ def prune(ctx: typer.Context,
         settings, window = estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
                                               utility=utility, paired=paired, seed=seed, samples=samples,
                                               seq_len=seq_len, target_removed=k, confirm=confirm)
-        record = prune_model(loaded, tokenizer, ratio=ratio, method=method, out=out, protect=_ints(protect),
-                             model_name=model, data=data, seed=seed, eval_data=_names(eval_data),
-                             eval_samples=eval_samples, eval_seq_len=eval_seq_len, batch_size=batch_size,
-                             settings=settings, store=store, backend=runner,
-                             config=parameters_from_context(ctx), quantize=quantize, granularity=granularity,
-                             plan_file=plan, out_format=out_format, **window)
+        prune_settings = PruneSettings(out=out, ratio=ratio, method=method, protect=_ints(protect), model_name=model,
+                                       data=data, seed=seed, eval_data=_names(eval_data), eval_samples=eval_samples,
+                                       eval_seq_len=eval_seq_len, batch_size=batch_size, granularity=granularity,
+                                       plan_file=plan, out_format=out_format, quantize=quantize, estimate=settings,
+                                       store=store, config=parameters_from_context(ctx), **window)
+        record = prune_model(loaded, tokenizer, prune_settings, backend=runner)
     if granularity == "sublayer":
         typer.echo(f"removed {len(record['removed'])} of {2 * record['n_layers']} sublayers "
                    f"({record['parameter_fraction_removed']:.1%} of block parameters, "

@@ -1,0 +1,177 @@
+"""`prune`: one settings value in, then the stages in the order the data flows through them.
+
+    check    -> plan request (plan/choose.py) and output (transform/write.py), before any forward pass
+    windows  -> calibration and held-out token windows (data/)
+    choose   -> Plan: a method, the sublayer game, or an earlier run's plan (plan/choose.py)
+    remove   -> the model without the plan's blocks or sublayers
+    evaluate -> held-out perplexity before and after
+    quantize -> optional torchao weights, measured again
+    write    -> a save_pretrained directory or a GGUF, with layershap.json and config.toml
+
+Each stage is a function from plain values to plain values, so a new stage is one line here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from layershap import __version__
+from layershap.api.run import provenance, run_parameters
+from layershap.config import versions, write_run_config
+from layershap.data.windows import TextWindows, text_windows
+from layershap.game.nll import perplexities_of
+from layershap.models.load import model_label
+from layershap.plan.choose import PlanRequest, apply_plan, choose_plan, plan_request
+from layershap.plan.methods.base import Plan
+from layershap.transform.write import output_for, write_output
+
+
+@dataclass
+class PruneSettings:
+    """Everything `prune` needs besides the model: the command line's options, resolved.
+
+    ratio: the fraction of blocks to remove (sublayer granularity: the share of the blocks' parameters);
+        None with `plan_file`, whose blocks are removed without choosing again.
+    out, out_format: a directory, or a .gguf file (`out_format` "gguf", or None/"auto" and a .gguf name).
+    estimate: the Shapley method's `EstimateSettings` (budget, sampler, ... and `confirm`); store: its
+        evaluation store.
+    config: the options as the CLI resolved them, written with provenance to config.toml.
+    """
+
+    out: Path
+    ratio: float | None = None
+    method: str = "shapley"
+    protect: list[int] = field(default_factory=list)
+    model_name: str | None = None
+    data: str = "c4"
+    samples: int = 8
+    seq_len: int = 128
+    seed: int = 0
+    eval_data: list[str] = field(default_factory=lambda: ["wiki"])
+    eval_samples: int = 16
+    eval_seq_len: int = 256
+    batch_size: int = 8
+    granularity: str = "block"
+    plan_file: Path | None = None
+    out_format: str | None = None
+    quantize: str | None = None
+    estimate: object = None
+    store: str | None = None
+    config: dict | None = None
+
+
+@dataclass(frozen=True)
+class PruneWindows:
+    """calibration: what the method chooses on; held_out: per evaluation text; confirmation: fresh calibration
+    windows for --confirm (None without it)."""
+
+    calibration: TextWindows
+    held_out: dict[str, TextWindows]
+    confirmation: TextWindows | None = None
+
+
+def prune_model(model, tokenizer, settings: PruneSettings, *, backend=None) -> dict:
+    """Choose blocks on calibration text, remove them, save, and return the record written beside the model
+    (`layershap.json`: held-out perplexity before and after, what choosing cost, provenance).
+
+    backend: where masked evaluations run (`layershap.game.backends`; None: this process).
+    """
+    from layershap.game.backends import use_backend
+    from layershap.game.context import model_fingerprint
+
+    request = check_plan(model, settings)
+    output = output_for(settings.out, settings.out_format, model_name=settings.model_name, model=model,
+                        quantize=settings.quantize)
+    windows = prune_windows(tokenizer, settings, request)
+    before = perplexities_of(model, windows.held_out, batch_size=settings.batch_size)
+    model_fp = model_fingerprint(model)  # of the model as given, for the run's provenance
+    parameters = run_config(model, settings, request)  # the dtype it ran in, before anything changes it
+    with use_backend(backend):
+        plan = choose_plan(model, windows.calibration, request, confirmation=windows.confirmation)
+    apply_plan(model, plan, request.granularity)
+    after = perplexities_of(model, windows.held_out, batch_size=settings.batch_size)
+    record = prune_record(model, settings, request, plan, windows, before, after, model_fp)
+    if settings.quantize is not None:
+        record["quantization"] = quantize_measured(model, settings.quantize, windows, settings.batch_size)
+    record = write_output(model, tokenizer, record, output)
+    write_run_config(output.path, "prune", parameters,
+                     provenance(model_fp, windows.calibration, windows.held_out, backend), path=output.config_path)
+    return record
+
+
+def check_plan(model, settings: PruneSettings) -> PlanRequest:
+    from layershap.transform.gguf_export import wants_gguf
+
+    return plan_request(model, method=settings.method, ratio=settings.ratio, protect=settings.protect,
+                        granularity=settings.granularity, plan_file=settings.plan_file, seed=settings.seed,
+                        batch_size=settings.batch_size, settings=settings.estimate, store=settings.store,
+                        writes_gguf=wants_gguf(settings.out, settings.out_format))
+
+
+def prune_windows(tokenizer, settings: PruneSettings, request: PlanRequest) -> PruneWindows:
+    """The calibration windows (calibration half of `data`), the held-out windows of every evaluation text
+    (their evaluation halves), and for the Shapley method with --confirm the fresh windows it confirms on."""
+    calibration = text_windows(settings.data, tokenizer, samples=settings.samples, seq_len=settings.seq_len,
+                               seed=settings.seed, split="calibration")
+    held_out = {name: text_windows(name, tokenizer, samples=settings.eval_samples, seq_len=settings.eval_seq_len,
+                                   seed=settings.seed, split="evaluation") for name in settings.eval_data}
+    confirmation = None
+    confirm = getattr(settings.estimate, "confirm", 0)
+    if request.method == "shapley" and request.saved is None and confirm > 0:
+        from layershap.plan.confirm import confirmation_windows
+
+        confirmation = confirmation_windows(settings.data, tokenizer, calibration, confirm)
+    return PruneWindows(calibration, held_out, confirmation)
+
+
+def prune_record(model, settings: PruneSettings, request: PlanRequest, plan: Plan, windows: PruneWindows,
+                 before: dict, after: dict, model_fp: str) -> dict:
+    """What `layershap.json` says: what was removed, by which method, what it cost and did, and provenance."""
+    record = {"model": model_label(settings.model_name), "model_type": model.config.model_type,
+              "n_layers": request.n_layers, **_removed(plan, request.granularity),
+              "method": request.method, "ratio": request.ratio, "protect": request.protect,
+              "ppl_before": before, "ppl_after": after, "forward_passes": plan.forward_passes,
+              "cost": asdict(plan.cost) if plan.cost is not None else None, "seconds": plan.seconds}
+    if request.granularity == "block":
+        record["scores"] = plan.scores
+    record.update({"plan": plan.details, "calibration": windows.calibration.describe(),
+                   "evaluation": {name: w.describe() for name, w in windows.held_out.items()},
+                   "layershap_version": __version__, "versions": versions(), "model_fingerprint": model_fp})
+    if request.saved is not None:
+        record["plan_file"] = str(request.saved["plan_file"])
+    return record
+
+
+def _removed(plan: Plan, granularity: str) -> dict:
+    if granularity == "block":
+        return {"removed": plan.remove, "kept": plan.kept}
+    details = plan.details
+    return {"granularity": "sublayer", "removed": details["removed_sublayers"],
+            **{key: details[key] for key in ("removed_sublayers", "parameters_removed",
+                                             "parameter_fraction_removed", "kv_cache_fraction_removed")}}
+
+
+def quantize_measured(model, scheme: str, windows: PruneWindows, batch_size: int) -> dict:
+    """Quantize the pruned model in place (torchao) and measure its held-out perplexity again; the write stage
+    adds the scheme, config and sizes."""
+    from layershap.transform.quantize import quantize_model
+
+    quantize_model(model, scheme)
+    return {"ppl": perplexities_of(model, windows.held_out, batch_size=batch_size)}
+
+
+def run_config(model, settings: PruneSettings, request: PlanRequest) -> dict:
+    """config.toml's parameters: the CLI's options, with the values the run actually used."""
+    values = run_parameters(model, settings.model_name, settings.estimate, settings.config, out=settings.out,
+                            ratio=request.ratio, method=request.method, protect=request.protect,
+                            data=settings.data, samples=settings.samples, seq_len=settings.seq_len,
+                            seed=settings.seed, eval_data=list(settings.eval_data),
+                            eval_samples=settings.eval_samples, eval_seq_len=settings.eval_seq_len,
+                            batch_size=settings.batch_size, store=settings.store)
+    if request.granularity == "sublayer":
+        values["granularity"] = "sublayer"
+    return values
+
+
+__all__ = ["PruneSettings", "PruneWindows", "prune_model"]
