@@ -3,7 +3,8 @@
     check    -> plan request (plan/choose.py) and output (transform/write.py), before any forward pass
     windows  -> calibration and held-out token windows (data/)
     choose   -> Plan: a method, the sublayer game, or an earlier run's plan (plan/choose.py)
-    remove   -> the model without the plan's blocks or sublayers
+    repair   -> a training-free correction per removed run, fitted for the plan (transform/repair.py)
+    remove   -> the model without the plan's blocks or sublayers, the repair folded into its weights
     evaluate -> held-out perplexity before and after
     quantize -> optional torchao weights, measured again
     write    -> a save_pretrained directory or a GGUF, with layershap.json and config.toml
@@ -36,6 +37,8 @@ class PruneSettings:
     out, out_format: a directory, or a .gguf file (`out_format` "gguf", or None/"auto" and a .gguf name).
     estimate: the Shapley method's `EstimateSettings` (budget, sampler, ... and `confirm`); store: its
         evaluation store.
+    repair, repair_samples: the recipe (`transform/repair.py`) and how many calibration windows it is fitted
+        on, drawn from the calibration text apart from the windows the choice used.
     config: the options as the CLI resolved them, written with provenance to config.toml.
     """
 
@@ -56,6 +59,8 @@ class PruneSettings:
     plan_file: Path | None = None
     out_format: str | None = None
     quantize: str | None = None
+    repair: str = "none"
+    repair_samples: int = 32
     estimate: object = None
     store: str | None = None
     config: dict | None = None
@@ -64,11 +69,12 @@ class PruneSettings:
 @dataclass(frozen=True)
 class PruneWindows:
     """calibration: what the method chooses on; held_out: per evaluation text; confirmation: fresh calibration
-    windows for --confirm (None without it)."""
+    windows for --confirm (None without it); repair: the windows the repair is fitted on (None without one)."""
 
     calibration: TextWindows
     held_out: dict[str, TextWindows]
     confirmation: TextWindows | None = None
+    repair: TextWindows | None = None
 
 
 def prune_model(model, tokenizer, settings: PruneSettings, *, backend=None) -> dict:
@@ -81,20 +87,25 @@ def prune_model(model, tokenizer, settings: PruneSettings, *, backend=None) -> d
     from layershap.game.context import model_fingerprint
 
     request = check_plan(model, settings)
+    recipe = check_repair(model, settings)
     output = output_for(settings.out, settings.out_format, model_name=settings.model_name, model=model,
                         quantize=settings.quantize)
-    windows = prune_windows(tokenizer, settings, request)
+    windows = prune_windows(tokenizer, settings, request, recipe)
     before = perplexities_of(model, windows.held_out, batch_size=settings.batch_size)
     model_fp = model_fingerprint(model)  # of the model as given, for the run's provenance
     parameters = run_config(model, settings, request)  # the dtype it ran in, before anything changes it
     with use_backend(backend):
         plan = choose_plan(model, windows.calibration, request, confirmation=windows.confirmation)
+    repair = fit_repair(model, plan.remove, windows.repair, recipe, batch_size=settings.batch_size)
     apply_plan(model, plan, request.granularity)
+    fold_repair(model, repair)
     after = perplexities_of(model, windows.held_out, batch_size=settings.batch_size)
     record = prune_record(model, settings, request, plan, windows, before, after, model_fp)
+    if repair is not None:
+        record["repair"] = repair.describe()
     if settings.quantize is not None:
         record["quantization"] = quantize_measured(model, settings.quantize, windows, settings.batch_size)
-    record = write_output(model, tokenizer, record, output)
+    record = write_output(model, tokenizer, record, output, repair)
     write_run_config(output.path, "prune", parameters,
                      provenance(model_fp, windows.calibration, windows.held_out, backend), path=output.config_path)
     return record
@@ -109,9 +120,38 @@ def check_plan(model, settings: PruneSettings) -> PlanRequest:
                         writes_gguf=wants_gguf(settings.out, settings.out_format))
 
 
-def prune_windows(tokenizer, settings: PruneSettings, request: PlanRequest) -> PruneWindows:
+def check_repair(model, settings: PruneSettings) -> str:
+    """The repair recipe's name, refused in one line where it cannot be folded into this model (every recipe
+    can also be written into a GGUF: `transform/gguf_repair.py`)."""
+    from layershap.transform.repair import check_repairable
+
+    return check_repairable(model, settings.repair, settings.granularity).name
+
+
+def fit_repair(model, removed, windows: TextWindows | None, recipe: str, *, batch_size: int):
+    """The repair fitted for removing `removed` from the dense model (None without one)."""
+    if windows is None:
+        return None
+    from layershap.transform.repair import fit_repair as fit
+
+    repair = fit(model, removed, windows.tokens, recipe, batch_size=batch_size)
+    repair.calibration = windows.describe()
+    return repair
+
+
+def fold_repair(model, repair) -> None:
+    if repair is not None:
+        from layershap.transform.repair import fold_repair as fold
+
+        fold(model, repair)
+
+
+def prune_windows(tokenizer, settings: PruneSettings, request: PlanRequest, recipe: str = "none") -> PruneWindows:
     """The calibration windows (calibration half of `data`), the held-out windows of every evaluation text
-    (their evaluation halves), and for the Shapley method with --confirm the fresh windows it confirms on."""
+    (their evaluation halves), for the Shapley method with --confirm the fresh windows it confirms on, and
+    for a repair the windows it is fitted on: more than the choice needs (a d x d map has d^2 unknowns),
+    from the same calibration half but apart from the choice's windows, so that the repair is not fitted
+    to the very tokens the plan was picked on."""
     calibration = text_windows(settings.data, tokenizer, samples=settings.samples, seq_len=settings.seq_len,
                                seed=settings.seed, split="calibration")
     held_out = {name: text_windows(name, tokenizer, samples=settings.eval_samples, seq_len=settings.eval_seq_len,
@@ -122,7 +162,11 @@ def prune_windows(tokenizer, settings: PruneSettings, request: PlanRequest) -> P
         from layershap.plan.confirm import confirmation_windows
 
         confirmation = confirmation_windows(settings.data, tokenizer, calibration, confirm)
-    return PruneWindows(calibration, held_out, confirmation)
+    repair = None
+    if recipe != "none":
+        repair = text_windows(settings.data, tokenizer, samples=settings.repair_samples, seq_len=settings.seq_len,
+                              seed=settings.seed, split="calibration", exclude=calibration)
+    return PruneWindows(calibration, held_out, confirmation, repair)
 
 
 def prune_record(model, settings: PruneSettings, request: PlanRequest, plan: Plan, windows: PruneWindows,

@@ -75,6 +75,12 @@ def prune(ctx: typer.Context,
           ray_address: RayAddressOption = None, config: ConfigOption = None,
           quantize: Annotated[str | None, typer.Option(help="Then quantize the pruned model with torchao: int8 or "
                                                             "int4 (see `layershap quantize`).")] = None,
+          repair: Annotated[str, typer.Option(help="Training-free repair of each removed run, folded into the kept "
+                                                   "weights (same architecture): none, scale (layershap's), "
+                                                   "prunecomp (Prune&Comp), replaceme-lstsq, replaceme-cosine "
+                                                   "(ReplaceMe). See docs/repair.md.")] = "none",
+          repair_samples: Annotated[int, typer.Option(help="Calibration windows the repair is fitted on, apart "
+                                                           "from the ones the blocks were chosen on.")] = 32,
           granularity: Annotated[str, typer.Option(help="Players: block (remove whole blocks) or sublayer (attention "
                                                         "and MLP sublayers; --ratio is then a share of the blocks' "
                                                         "parameters, and the saved model loads with "
@@ -96,6 +102,12 @@ def prune(ctx: typer.Context,
         check_ratio(ratio)
     get_method(method)
     check_granularity(granularity)
+    if repair != "none":
+        from layershap.transform.repair import recipe_for
+
+        recipe_for(repair)
+        if repair_samples < 1:
+            raise LayershapError(f"--repair-samples must be at least 1; got {repair_samples}")
     if quantize is not None:
         from layershap.models.load import resolve_device
         from layershap.transform.quantize import check_scheme
@@ -116,7 +128,8 @@ def prune(ctx: typer.Context,
         prune_settings = PruneSettings(out=out, ratio=ratio, method=method, protect=_ints(protect), model_name=model,
                                        data=data, seed=seed, eval_data=_names(eval_data), eval_samples=eval_samples,
                                        eval_seq_len=eval_seq_len, batch_size=batch_size, granularity=granularity,
-                                       plan_file=plan, out_format=out_format, quantize=quantize, estimate=settings,
+                                       plan_file=plan, out_format=out_format, quantize=quantize, repair=repair,
+                                       repair_samples=repair_samples, estimate=settings,
                                        store=store, config=parameters_from_context(ctx), **window)
         record = prune_model(loaded, tokenizer, prune_settings, backend=runner)
     if granularity == "sublayer":
@@ -126,6 +139,11 @@ def prune(ctx: typer.Context,
     else:
         typer.echo(f"removed {len(record['removed'])} of {record['n_layers']} blocks: {record['removed']}"
                    + (f" (plan from {plan})" if plan is not None else ""))
+    if "repair" in record:
+        cuts = record["repair"]["cuts"]
+        typer.echo(f"repaired ({record['repair']['recipe']}): " + "; ".join(
+            f"blocks {c['removed'][0]}-{c['removed'][1]} " + (f"x{c['scale']:.3f}" if "scale" in c else c["kind"])
+            for c in cuts) + f" ({record['repair']['seconds']:.1f} s)")
     for name in record["ppl_before"]:
         typer.echo(f"{name} perplexity: {record['ppl_before'][name]:.3f} -> {record['ppl_after'][name]:.3f}")
     for name, value in record.get("quantization", {}).get("ppl", {}).items():
@@ -153,7 +171,13 @@ def estimate(ctx: typer.Context,
              = None, seed: Seed = 0, batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
              trust_remote_code: TrustRemoteCode = False, backend: BackendOption = "local",
              ray_address: RayAddressOption = None, config: ConfigOption = None,
-             granularity: Annotated[str, typer.Option(help="Players: block, or sublayer (attn.i and mlp.i of every "
+             repair: Annotated[str, typer.Option(help="Training-free repair of each removed run, folded into the kept "
+                                                   "weights (same architecture): none, scale (layershap's), "
+                                                   "prunecomp (Prune&Comp), replaceme-lstsq, replaceme-cosine "
+                                                   "(ReplaceMe). See docs/repair.md.")] = "none",
+          repair_samples: Annotated[int, typer.Option(help="Calibration windows the repair is fitted on, apart "
+                                                           "from the ones the blocks were chosen on.")] = 32,
+          granularity: Annotated[str, typer.Option(help="Players: block, or sublayer (attn.i and mlp.i of every "
                                                            "block, 2n players).")] = "block"):
     """Estimate every layer's Shapley value: sample masks, evaluate them (reusing the store), fit the
     surrogate, and write shapley.json / shapley.csv."""

@@ -93,10 +93,13 @@ def _open_exportable(path):
     return reader, arch
 
 
-def write_pruned_gguf(source, out, removed: Sequence[int], record: dict | None = None) -> dict:
+def write_pruned_gguf(source, out, removed: Sequence[int], record: dict | None = None, *,
+                      edit_tensor=None) -> dict:
     """Write `out`: the GGUF `source` without the blocks `removed` (original indices). `record` (what prune
-    wrote to layershap.json) supplies the provenance keys. Returns what was written: kept blocks, tensors
-    copied, metadata arrays sliced, and notes for the user."""
+    wrote to layershap.json) supplies the provenance keys. `edit_tensor(name, data, type)` may return
+    `(data, type)` to write in place of a kept tensor's own bytes (a repair, `gguf_repair.py`), under its new
+    name. Returns what was written: kept blocks, tensors copied, metadata arrays sliced, and notes for the
+    user."""
     from gguf import GGUFValueType, GGUFWriter
 
     source, out = Path(source).expanduser(), Path(out).expanduser()
@@ -162,7 +165,11 @@ def write_pruned_gguf(source, out, removed: Sequence[int], record: dict | None =
             if block in removed_set:
                 continue
             name = f"blk.{position[block]}.{match.group(2)}"
-        writer.add_tensor(name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)
+        data, qtype = tensor.data, tensor.tensor_type
+        replaced = edit_tensor(name, data, qtype) if edit_tensor is not None else None
+        if replaced is not None:
+            data, qtype = replaced
+        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
         copied += 1
 
     out.parent.mkdir(parents=True, exist_ok=True)

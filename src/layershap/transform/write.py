@@ -46,13 +46,23 @@ def output_for(out, out_format: str | None = None, *, model_name: str | None = N
     return Output(Path(out), "gguf" if writes_gguf else "hf", source, quantize)
 
 
-def write_output(model, tokenizer, record: dict, output: Output) -> dict:
+def write_output(model, tokenizer, record: dict, output: Output, repair=None) -> dict:
     """Write the model and its record (`layershap.json`, and the model card for a directory); return the
-    record as written (a GGUF adds what it copied, a quantized directory its sizes)."""
+    record as written (a GGUF adds what it copied, a quantized directory its sizes). `repair`: the fitted
+    repair (`transform/repair.py`), already folded into `model`; a GGUF gets it written into the touched
+    tensors (`gguf_repair.py`)."""
     if output.format == "gguf":
         from layershap.transform.gguf_export import write_pruned_gguf
 
-        record["gguf"] = write_pruned_gguf(output.gguf_source, output.path, record["removed"], record)
+        editor, report = None, {}
+        if repair is not None and repair.touched:
+            from layershap.transform.gguf_repair import tensor_editor
+
+            editor = tensor_editor(repair, record["n_layers"] - len(record["removed"]), report)
+        record["gguf"] = write_pruned_gguf(output.gguf_source, output.path, record["removed"], record,
+                                           edit_tensor=editor)
+        if editor is not None:
+            record["gguf"]["repaired_tensors"] = report
         write_json(gguf_sidecar(output.path, "layershap.json"), record)
         return record
     if output.quantize is None:

@@ -1,0 +1,448 @@
+"""Repair what removing blocks breaks, without training, folded into the weights the model already has.
+
+When a run of blocks is removed, the residual stream the next kept block receives differs from what the
+dense model had there: mostly in magnitude (the removed blocks' additions are missing), partly in direction.
+Each recipe fits, per removed run ("cut"), a correction on calibration activations of the model with the
+earlier cuts already removed and repaired, aiming at the dense model's stream after the run, and folds it
+into existing weights so the saved model stays a stock architecture with the same parameter count.
+
+Two corrections exist, and each has one place where folding it is exact:
+
+- a *scale* `a` of the stream entering the first kept block after the cut. Every later reader of the stream
+  normalises it (RMSNorm), so multiplying the stream by `a` is the same as dividing everything written to it
+  from there on by `a`: the attention and MLP output projections of that block and every later one (weights
+  and biases). Exact up to the norms' epsilon. A scale before the final norm changes nothing (the norm undoes
+  it), so a run that ends at the last block gets none. The embedding is not touched, so tied embeddings stay
+  tied. Recipes: `prunecomp` (Prune&Comp's magnitude ratio) and `scale` (layershap's: the median per-token norm
+  ratio, which the few tokens with huge activations cannot dominate).
+- a *map* `T` (d x d) of the MLP output of the last kept block before the cut (ReplaceMe): folded into that
+  block's down projection, `W <- T^T W` (and `b <- b T`), exact in exact arithmetic. A run that starts at
+  block 0 has no kept block before it: there the map would have to go into the embedding, which the output
+  head may share, so that cut gets the recipe's fallback scale instead (the record says so).
+
+Fitting happens with the corrections installed as hooks on the model with the plan's blocks skipped; folding
+replaces the hooks by weight edits afterwards (`fold_repair`), and the tests check that both give the same
+logits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from layershap.errors import LayershapError
+from layershap.models.architectures import architecture_of
+from layershap.models.layers import block_list, keep_only, normalise_layer_list
+
+# Families whose block writes to the stream only through `self_attn.o_proj` and `mlp.down_proj` (plain
+# Linear layers) and reads it only through an RMSNorm/LayerNorm: the scale fold above is exact for them.
+WRITERS = {t: ("self_attn.o_proj", "mlp.down_proj")
+           for t in ("llama", "mistral", "qwen2", "qwen3", "olmo", "granite", "smollm3", "phi3")}
+MLP_OUT = "mlp.down_proj"
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One removed run of blocks, `start..end` in the original numbering; `before` and `after` the positions,
+    among the kept blocks, of the kept block just before and just after it (None at either end)."""
+
+    start: int
+    end: int
+    before: int | None
+    after: int | None
+
+
+def removed_runs(removed: Sequence[int], n: int) -> list[Cut]:
+    """The cuts a removal makes, first to last."""
+    removed = sorted(set(removed))
+    kept = [i for i in range(n) if i not in set(removed)]
+    cuts, run = [], []
+    for i in removed:
+        if run and i != run[-1] + 1:
+            cuts.append(run)
+            run = []
+        run.append(i)
+    if run:
+        cuts.append(run)
+    out = []
+    for run in cuts:
+        before = max((p for p, i in enumerate(kept) if i < run[0]), default=None)
+        after = min((p for p, i in enumerate(kept) if i > run[-1]), default=None)
+        out.append(Cut(run[0], run[-1], before, after))
+    return out
+
+
+@dataclass
+class CutFit:
+    """What was fitted for one cut: `kind` "scale", "map" or "none", the scale (or the map's summary), and why
+    when it is not what the recipe asked for."""
+
+    cut: Cut
+    kind: str
+    scale: float | None = None
+    map: torch.Tensor | None = None
+    note: str | None = None
+
+    def describe(self) -> dict:
+        described = {"removed": [self.cut.start, self.cut.end], "kind": self.kind}
+        if self.scale is not None:
+            described["scale"] = round(float(self.scale), 6)
+        if self.map is not None:
+            eye = torch.eye(self.map.shape[0], dtype=self.map.dtype)
+            described["map_distance_from_identity"] = round(float((self.map - eye).norm() / eye.norm()), 6)
+        if self.note:
+            described["note"] = self.note
+        return described
+
+
+# ---------------------------------------------------------------------------------------------- the recipes
+# A recipe fits one cut from what the stream looks like there: `entering` (the pruned model's stream entering
+# the first kept block after the cut, [tokens, d]), `target` (the dense model's stream after the removed run)
+# and, for maps, `mlp_out` (the MLP output of the last kept block before the cut). All float64.
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    kind: str  # "none", "scale" or "map"
+    fit: Callable | None
+    summary: str
+    fallback: Callable | None = None  # the scale a map recipe uses where no map can be folded
+
+
+def _prunecomp_scale(entering: torch.Tensor, target: torch.Tensor) -> float:
+    """Prune&Comp: the mean over channels of the ratio of the channel's mean magnitude after the removed run
+    (dense) to the one entering the cut."""
+    ratio = target.abs().mean(0) / entering.abs().mean(0).clamp_min(1e-12)
+    return float(ratio.mean())
+
+
+def _token_norm_scale(entering: torch.Tensor, target: torch.Tensor) -> float:
+    """The median over tokens of ||target|| / ||entering||: a per-token magnitude ratio that a few tokens with
+    huge activations (the first token's, mostly) cannot dominate, unlike any mean over tokens."""
+    ratio = target.norm(dim=1) / entering.norm(dim=1).clamp_min(1e-12)
+    return float(ratio.median())
+
+
+def _lstsq_map(mlp_out: torch.Tensor, rest: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """ReplaceMe, least squares: T minimising ||mlp_out T + rest - target||^2 (closed form, float64)."""
+    solution = torch.linalg.lstsq(mlp_out, target - rest, driver="gelsd").solution
+    return solution
+
+
+def _cosine_map(mlp_out: torch.Tensor, rest: torch.Tensor, target: torch.Tensor, *, steps: int = 200) -> torch.Tensor:
+    """ReplaceMe, cosine: T minimising the mean cosine distance between mlp_out T + rest and target, from the
+    least-squares solution, with Adam (float64)."""
+    start = _lstsq_map(mlp_out, rest, target)
+    T = start.clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([T], lr=1e-4)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimiser.zero_grad()
+            predicted = mlp_out @ T + rest
+            loss = 1 - torch.nn.functional.cosine_similarity(predicted, target, dim=1).mean()
+            loss.backward()
+            optimiser.step()
+    return T.detach()
+
+
+REPAIRS: dict[str, Recipe] = {}
+
+
+def register_repair(recipe: Recipe) -> None:
+    REPAIRS[recipe.name] = recipe
+
+
+register_repair(Recipe("none", "none", None, "no repair: the pruned model as removal leaves it"))
+register_repair(Recipe("prunecomp", "scale", _prunecomp_scale,
+                       "Prune&Comp: one scale per cut, the channels' mean magnitude ratio, folded into the later "
+                       "output projections"))
+register_repair(Recipe("scale", "scale", _token_norm_scale,
+                       "one scale per cut, the median per-token norm ratio (robust to massive activations), "
+                       "folded into the later output projections"))
+register_repair(Recipe("replaceme-lstsq", "map", _lstsq_map,
+                       "ReplaceMe: a d x d least-squares map of the MLP output before each cut, folded into its "
+                       "down projection", fallback=_prunecomp_scale))
+register_repair(Recipe("replaceme-cosine", "map", _cosine_map,
+                       "ReplaceMe: a d x d cosine-distance map of the MLP output before each cut, folded into its "
+                       "down projection", fallback=_prunecomp_scale))
+
+
+def repair_names() -> list[str]:
+    return list(REPAIRS)
+
+
+def recipe_for(name: str) -> Recipe:
+    try:
+        return REPAIRS[name]
+    except KeyError:
+        raise LayershapError(f"unknown --repair {name!r}; choose one of {', '.join(REPAIRS)}") from None
+
+
+def check_repairable(model, name: str, granularity: str = "block") -> Recipe:
+    """The recipe, refused in one line where it cannot be folded exactly into this model."""
+    recipe = recipe_for(name)
+    if recipe.kind == "none":
+        return recipe
+    if granularity != "block":
+        raise LayershapError("--repair works on whole-block plans; use --repair none with --granularity sublayer")
+    model_type = model.config.model_type
+    if model_type not in WRITERS:
+        raise LayershapError(f"--repair {name} cannot yet be folded exactly into a {model_type} model (it needs "
+                             f"blocks that write the stream only through o_proj and down_proj: "
+                             f"{', '.join(sorted(WRITERS))}); use --repair none")
+    return recipe
+
+
+# --------------------------------------------------------------------------------------------- fitting
+class _Stop(Exception):
+    """Raised by a capture hook once everything a fit needs has been seen, to skip the rest of the pass."""
+
+
+def _submodule(block, dotted: str):
+    module = block
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+@contextmanager
+def _installed(blocks, fits: list[CutFit]):
+    """The fitted corrections as hooks on the (skipped) model: a scale multiplies the stream entering block
+    `after`; a map multiplies the MLP output of block `before`."""
+    handles = []
+    for fit in fits:
+        if fit.kind == "scale":
+            scale = float(fit.scale)
+
+            def pre(module, args, kwargs, scale=scale):
+                if args:
+                    return (args[0] * scale, *args[1:]), kwargs
+                kwargs = dict(kwargs)
+                kwargs["hidden_states"] = kwargs["hidden_states"] * scale
+                return args, kwargs
+
+            handles.append(blocks[fit.cut.after].register_forward_pre_hook(pre, with_kwargs=True))
+        elif fit.kind == "map":
+            mlp = _submodule(blocks[fit.cut.before], MLP_OUT)
+
+            def post(module, args, output, T=fit.map):
+                return (output.double() @ T.to(output.device)).to(output.dtype)
+
+            handles.append(mlp.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _capture(model, tokens: torch.Tensor, batch_size: int, hooks: list[tuple[object, str, Callable]]) -> None:
+    """Run `tokens` through the model batch by batch with capture hooks installed; a hook may raise `_Stop`."""
+    device = next(model.parameters()).device
+    handles = []
+    for module, kind, fn in hooks:
+        if kind == "pre":
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(fn, with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            for start in range(0, tokens.shape[0], batch_size):
+                try:
+                    model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _hidden_of(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _flat(chunks: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).double().cpu()
+
+
+def dense_targets(model, cuts: list[Cut], tokens: torch.Tensor, batch_size: int) -> dict[int, torch.Tensor]:
+    """The dense model's stream after each cut's run (the output of its last removed block), per cut start."""
+    blocks = block_list(model)
+    seen: dict[int, list] = {c.start: [] for c in cuts}
+    hooks = []
+    for cut in cuts:
+        def grab(module, args, kwargs, output, start=cut.start):
+            seen[start].append((output[0] if isinstance(output, (tuple, list)) else output).detach())
+
+        hooks.append((blocks[cut.end], "post", grab))
+    _capture(model, tokens, batch_size, hooks)
+    return {start: _flat(chunks) for start, chunks in seen.items()}
+
+
+def _pruned_activations(model, cut: Cut, tokens: torch.Tensor, batch_size: int, with_mlp: bool):
+    """With the cut's blocks (and the plan's others) skipped and the earlier corrections hooked in: the stream
+    entering the cut (input of block `after`, or what the final norm receives when the run ends the stack)
+    and, for maps, the MLP output of block `before` and the stream before that MLP's addition."""
+    blocks = block_list(model)
+    entering, mlp_outs = [], []
+    hooks = []
+    if with_mlp:
+        def grab_mlp(module, args, kwargs, output):
+            mlp_outs.append(output.detach())
+
+        hooks.append((_submodule(blocks[cut.before], MLP_OUT), "post", grab_mlp))
+    if cut.after is not None:
+        def grab_in(module, args, kwargs):
+            entering.append(_hidden_of(args, kwargs).detach())
+            raise _Stop
+
+        hooks.append((blocks[cut.after], "pre", grab_in))
+    else:
+        def grab_out(module, args, kwargs, output):
+            entering.append((output[0] if isinstance(output, (tuple, list)) else output).detach())
+            raise _Stop
+
+        hooks.append((blocks[len(blocks) - 1], "post", grab_out))
+    _capture(model, tokens, batch_size, hooks)
+    return _flat(entering), (_flat(mlp_outs) if with_mlp else None)
+
+
+@dataclass
+class Repair:
+    """A fitted repair: the recipe, one `CutFit` per cut, and what fitting it cost."""
+
+    recipe: str
+    fits: list[CutFit] = field(default_factory=list)
+    tokens: int = 0
+    token_passes: float = 0.0
+    seconds: float = 0.0
+    calibration: dict | None = None
+    touched: list[dict] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return {"recipe": self.recipe, "cuts": [f.describe() for f in self.fits], "tokens": self.tokens,
+                "token_passes": round(self.token_passes, 1), "seconds": round(self.seconds, 2),
+                "calibration": self.calibration, "touched": self.touched}
+
+
+def fit_repair(model, removed: Sequence[int], tokens: torch.Tensor, recipe_name: str, *,
+               batch_size: int = 8) -> Repair:
+    """Fit `recipe_name` for removing `removed` (original block indices) from the dense `model`, cut by cut,
+    on `tokens` ([windows, seq_len]). The model is left as it was (nothing folded yet: `fold_repair`).
+
+    token_passes counts tokens times the share of the dense model's blocks each pass ran (a dense pass over
+    every token is `tokens`), as the game's costs do."""
+    recipe = recipe_for(recipe_name)
+    started = time.perf_counter()
+    n = len(block_list(model))
+    removed = normalise_layer_list(removed, n)
+    repair = Repair(recipe.name, tokens=int(tokens.numel()))
+    if recipe.kind == "none" or not removed:
+        return repair
+    cuts = removed_runs(removed, n)
+    targets = dense_targets(model, cuts, tokens, batch_size)
+    repair.token_passes += tokens.numel() * (max(c.end for c in cuts) + 1) / n
+    keep = [i for i in range(n) if i not in set(removed)]
+    with keep_only(model, keep):
+        blocks = block_list(model)
+        for cut in cuts:
+            fit = CutFit(cut, "none")
+            if recipe.kind == "map" and cut.before is None:
+                fit.note = "no kept block before this run: the map would need the (tied) embedding; scaled instead"
+            use_map = recipe.kind == "map" and cut.before is not None
+            if cut.after is None and not use_map:
+                fit.note = "a scale before the final norm changes nothing"
+                repair.fits.append(fit)
+                continue
+            with _installed(blocks, repair.fits):
+                entering, mlp_out = _pruned_activations(model, cut, tokens, batch_size, use_map)
+            ran = (cut.after if cut.after is not None else len(blocks))
+            repair.token_passes += tokens.numel() * ran / n
+            target = targets[cut.start]
+            if use_map:
+                fit.kind, fit.map = "map", recipe.fit(mlp_out, entering - mlp_out, target)
+            else:
+                scale_fit = recipe.fit if recipe.kind == "scale" else recipe.fallback
+                fit.kind, fit.scale = "scale", scale_fit(entering, target)
+            repair.fits.append(fit)
+    repair.seconds = time.perf_counter() - started
+    return repair
+
+
+@contextmanager
+def repaired(model, removed: Sequence[int], repair: Repair):
+    """Run the model with the plan's blocks skipped and the repair hooked in (not folded): for measuring a
+    repair on many plans without editing weights."""
+    n = len(block_list(model))
+    keep = [i for i in range(n) if i not in set(normalise_layer_list(removed, n))]
+    with keep_only(model, keep), _installed(block_list(model), repair.fits):
+        yield
+
+
+# --------------------------------------------------------------------------------------------- folding
+@dataclass(frozen=True)
+class TensorEdit:
+    """One weight a repair changes, in the pruned model: `weight <- factor * T^T weight` (T = `map`, or the
+    identity), for the Linear `module` of kept block `block`."""
+
+    block: int
+    module: str
+    factor: float = 1.0
+    map: torch.Tensor | None = None
+
+
+def tensor_edits(repair: Repair, n_kept: int, writers: Sequence[str]) -> list[TensorEdit]:
+    """What folding `repair` changes: a cut's scale divides the writers of block `after` and every later one;
+    a map goes into the down projection of block `before`."""
+    factors = [1.0] * n_kept
+    maps: dict[int, torch.Tensor] = {}
+    for fit in repair.fits:
+        if fit.kind == "scale":
+            for p in range(fit.cut.after, n_kept):
+                factors[p] /= float(fit.scale)
+        elif fit.kind == "map":
+            maps[fit.cut.before] = fit.map.to(torch.float64)
+    edits = []
+    for p in range(n_kept):
+        for name in writers:
+            mapping = maps.get(p) if name == MLP_OUT else None
+            if factors[p] != 1.0 or mapping is not None:
+                edits.append(TensorEdit(p, name, factors[p], mapping))
+    return edits
+
+
+def fold_repair(model, repair: Repair) -> list[dict]:
+    """Fold the fitted corrections into the weights of the model with the plan's blocks already removed (block
+    positions are the kept blocks' positions, as `Cut.before`/`after` count them). Returns the touched
+    tensors, by their names in the model's state dict, with the factor and map applied (also kept in
+    `repair.touched`)."""
+    if not repair.fits or all(f.kind == "none" for f in repair.fits):
+        return []
+    model_type = model.config.model_type
+    writers = WRITERS.get(model_type)
+    if writers is None:
+        raise LayershapError(f"a repair cannot be folded into a {model_type} model; use --repair none")
+    arch = architecture_of(model)
+    blocks = block_list(model)
+    touched = []
+    with torch.no_grad():
+        for edit in tensor_edits(repair, len(blocks), writers):
+            linear = _submodule(blocks[edit.block], edit.module)
+            weight = linear.weight.data.double()
+            bias = linear.bias.data.double() if linear.bias is not None else None
+            if edit.map is not None:
+                weight = edit.map.T @ weight
+                bias = bias @ edit.map if bias is not None else None
+            linear.weight.data = (weight * edit.factor).to(linear.weight.dtype)
+            if bias is not None:
+                linear.bias.data = (bias * edit.factor).to(linear.bias.dtype)
+            entry = {"tensor": f"{arch.blocks}.{edit.block}.{edit.module}.weight", "factor": edit.factor}
+            if edit.map is not None:
+                entry["map"] = list(edit.map.shape)
+            touched.append(entry)
+    repair.touched = touched
+    return touched

@@ -1,0 +1,202 @@
+"""The repair stage: cuts, fitting, and folding that is exactly the hooked correction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from layershap.errors import LayershapError
+from layershap.models.layers import prune_layers
+from layershap.transform.repair import (
+    Cut,
+    check_repairable,
+    fit_repair,
+    fold_repair,
+    removed_runs,
+    repaired,
+)
+
+TOKENS = torch.randint(0, 320, (6, 24), generator=torch.Generator().manual_seed(0))
+
+
+def tied_llama(dtype=torch.float64):
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.model.embed_tokens.weight.data = model.lm_head.weight.data
+    return model.to(dtype)
+
+
+def test_removed_runs_name_the_kept_neighbours():
+    assert removed_runs([1, 2, 4], 6) == [Cut(1, 2, before=0, after=1), Cut(4, 4, before=1, after=2)]
+    assert removed_runs([0, 5], 6) == [Cut(0, 0, before=None, after=0), Cut(5, 5, before=3, after=None)]
+
+
+@pytest.mark.parametrize("recipe", ["prunecomp", "scale", "replaceme-lstsq", "replaceme-cosine"])
+def test_folded_repair_equals_the_hooked_one(recipe):
+    """Folding the fitted corrections into the weights gives the logits of the model running them as hooks
+    (float64, epsilon ~0: what remains is the float32 inside transformers' RMSNorm, ~1e-7)."""
+    model = tied_llama()
+    model.config.rms_norm_eps = 1e-30
+    for block in model.model.layers:
+        block.input_layernorm.variance_epsilon = block.post_attention_layernorm.variance_epsilon = 1e-30
+    model.model.norm.variance_epsilon = 1e-30
+    removed = [0, 2, 3]
+    repair = fit_repair(model, removed, TOKENS, recipe)
+    kinds = [f.kind for f in repair.fits]
+    assert kinds[0] == "scale"  # a run at block 0: no block before it to fold a map into
+    assert kinds[1] == ("map" if recipe.startswith("replaceme") else "scale")
+    with torch.no_grad(), repaired(model, removed, repair):
+        hooked = model(TOKENS).logits
+    prune_layers(model, removed)
+    with torch.no_grad():
+        plain = model(TOKENS).logits
+    touched = fold_repair(model, repair)
+    with torch.no_grad():
+        folded = model(TOKENS).logits
+    assert touched
+    assert (plain - hooked).abs().max() > 1e-3  # the repair does something
+    torch.testing.assert_close(folded, hooked, rtol=1e-5, atol=1e-6)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_scale_fixes_magnitude_and_none_changes_nothing():
+    model = tied_llama(torch.float32)
+    removed = [1, 2]
+    none = fit_repair(model, removed, TOKENS, "none")
+    assert none.fits == [] and fold_repair(model, none) == []
+    scale = fit_repair(model, removed, TOKENS, "scale")
+    assert len(scale.fits) == 1 and scale.fits[0].scale > 0
+
+
+def test_a_run_that_ends_the_stack_gets_no_scale():
+    model = tied_llama(torch.float32)
+    repair = fit_repair(model, [4, 5], TOKENS, "prunecomp")
+    assert [f.kind for f in repair.fits] == ["none"]
+    assert "final norm" in repair.fits[0].note
+    lstsq = fit_repair(model, [4, 5], TOKENS, "replaceme-lstsq")
+    assert [f.kind for f in lstsq.fits] == ["map"]
+
+
+def test_repaired_model_saves_and_reloads_with_plain_transformers(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from layershap.models.save import save_pruned
+
+    model = tied_llama(torch.float32)
+    removed = [1, 3]
+    repair = fit_repair(model, removed, TOKENS, "replaceme-lstsq")
+    prune_layers(model, removed)
+    count = sum(p.numel() for p in model.parameters())
+    fold_repair(model, repair)
+    assert sum(p.numel() for p in model.parameters()) == count
+    with torch.no_grad():
+        expected = model(TOKENS).logits
+    save_pruned(model, tiny_tokenizer, tmp_path, {"repair": repair.describe()})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(TOKENS).logits, expected, rtol=0, atol=0)
+
+
+def test_repairs_refuse_what_they_cannot_fold():
+    with pytest.raises(LayershapError, match="--repair"):
+        check_repairable(tiny_model("gpt2"), "scale")
+    with pytest.raises(LayershapError, match="sublayer"):
+        check_repairable(tiny_model("llama"), "scale", granularity="sublayer")
+    with pytest.raises(LayershapError, match="unknown --repair"):
+        check_repairable(tiny_model("llama"), "magic")
+    assert check_repairable(tiny_model("gpt2"), "none").name == "none"
+
+
+# -- GGUF out: the touched tensors written into the file ------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", ["scale", "replaceme-lstsq"])
+def test_repaired_gguf_is_the_repaired_model(recipe, tmp_path, tiny_tokenizer):
+    """A scale goes into the Q8_0 block scales (the integers stay byte for byte); a map requantizes the one
+    down projection it changes. transformers reading the file gets the in-memory repaired model, up to the
+    float16 rounding of the block scales (a scale) or Q8_0 requantization (a map)."""
+    import numpy as np
+    import transformers
+    from gguf import GGUFReader
+    from tiny_gguf import write_tiny_gguf
+
+    from layershap.transform.gguf_export import write_pruned_gguf
+    from layershap.transform.gguf_repair import tensor_editor
+
+    source = write_tiny_gguf(tiny_model("llama"), tmp_path / "in.gguf", tokenizer=tiny_tokenizer)
+
+    def load(path):
+        return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                 dtype=torch.float32).eval()
+
+    model, removed = load(source), [1, 2]
+    repair = fit_repair(model, removed, TOKENS, recipe)
+    prune_layers(model, removed)
+    fold_repair(model, repair)
+    report = {}
+    write_pruned_gguf(source, tmp_path / "out.gguf", removed, edit_tensor=tensor_editor(repair, 4, report))
+    if recipe == "replaceme-lstsq":  # the one map, into the down projection of kept block 0
+        assert sorted(report) == ["blk.0.ffn_down.weight"] and report["blk.0.ffn_down.weight"]["map"]
+        assert report["blk.0.ffn_down.weight"]["how"] == "requantized"
+    else:  # the scale of the stream entering kept block 1, folded into it and every later writer
+        assert sorted(report) == sorted(
+            f"blk.{p}.{t}" for p in range(1, 4) for t in ("attn_output.weight", "ffn_down.weight"))
+        before = {t.name: t for t in GGUFReader(str(source)).tensors}
+        after = {t.name: t for t in GGUFReader(str(tmp_path / "out.gguf")).tensors}
+        scaled = after["blk.2.attn_output.weight"]  # blk.2 of the output is blk.4 of the input
+        blocks_in = before["blk.4.attn_output.weight"].data.reshape(-1, 34)
+        blocks_out = scaled.data.reshape(-1, 34)
+        assert scaled.tensor_type.name == "Q8_0"
+        assert np.array_equal(blocks_in[:, 2:], blocks_out[:, 2:])  # the integers are untouched
+        factor = report["blk.2.attn_output.weight"]["factor"]
+        ratio = blocks_out[:, :2].copy().view(np.float16).astype(np.float64) / \
+            blocks_in[:, :2].copy().view(np.float16).astype(np.float64)
+        assert np.allclose(ratio, factor, rtol=2 ** -10)
+    with torch.no_grad():
+        expected = model(TOKENS).logits
+        got = load(tmp_path / "out.gguf")(TOKENS).logits
+    tolerance = 2e-3 if recipe == "scale" else 3e-2
+    assert (got - expected).abs().max() < tolerance * expected.abs().max()
+
+
+# -- the prune command ---------------------------------------------------------------------------------------
+
+def _small(text):
+    return ["--data", text, "--eval-data", text, "--samples", "2", "--seq-len", "32", "--eval-samples", "2",
+            "--eval-seq-len", "32", "--device", "cpu", "--method", "shortgpt", "--ratio", "0.34"]
+
+
+def test_prune_repairs_and_none_is_the_unrepaired_model(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    from conftest import run_cli
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    runs = {}
+    for name, extra in (("plain", []), ("none", ["--repair", "none"]),
+                        ("scale", ["--repair", "scale", "--repair-samples", "4"])):
+        code, out, err = run_cli(["prune", "--model", tiny_model_dir, "--out", tmp_path / name,
+                                  *_small(sample_text_file), *extra], capsys)
+        assert code == 0, err
+        runs[name] = json.loads((tmp_path / name / "layershap.json").read_text())
+    plain, none = (load_file(tmp_path / n / "model.safetensors") for n in ("plain", "none"))
+    assert all(torch.equal(plain[k], none[k]) for k in plain) and "repair" not in runs["none"]
+    record = runs["scale"]
+    assert record["removed"] == runs["plain"]["removed"] and record["repair"]["recipe"] == "scale"
+    assert record["repair"]["calibration"]["samples"] == 4 and record["repair"]["touched"]
+    assert "repaired (scale)" in out
+    scaled = record["ppl_after"][str(sample_text_file)]
+    assert scaled != runs["plain"]["ppl_after"][str(sample_text_file)]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "scale")
+    assert loaded.config.num_hidden_layers == 4
+
+
+def test_prune_refuses_a_repair_it_cannot_fold(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    from conftest import run_cli
+
+    code, _out, err = run_cli(["prune", "--model", tiny_model_dir, "--out", tmp_path / "x", "--repair", "magic",
+                              *_small(sample_text_file)], capsys)
+    assert code == 2 and "unknown --repair 'magic'" in err and "Traceback" not in err
