@@ -200,3 +200,52 @@ def test_prune_refuses_a_repair_it_cannot_fold(tiny_model_dir, sample_text_file,
     code, _out, err = run_cli(["prune", "--model", tiny_model_dir, "--out", tmp_path / "x", "--repair", "magic",
                               *_small(sample_text_file)], capsys)
     assert code == 2 and "unknown --repair 'magic'" in err and "Traceback" not in err
+
+
+def test_finalists_are_judged_after_their_repair(tiny_tokenizer, sample_text_file):
+    """choose_for_repair keeps the finalist whose repaired calibration NLL is lowest, measured as a user would
+    measure it (the plan removed for good, its repair folded), and says what it cost."""
+    from layershap.data.windows import text_windows
+    from layershap.game.nll import mean_nll
+    from layershap.plan.cost import Cost
+    from layershap.plan.methods.base import Plan
+    from layershap.transform.repair_choice import choose_for_repair
+
+    windows = text_windows(str(sample_text_file), tiny_tokenizer, samples=4, seq_len=24)
+    finalists = [[1, 2], [2, 3], [3, 4], [1, 4]]
+    plan = Plan("shapley", 6, [1, 2], details={"finalists": finalists}, cost=Cost(passes=3, token_passes=30))
+    chosen = choose_for_repair(tied_llama(torch.float32), plan, windows, "scale")
+    report = chosen.details["repair_choice"]
+    assert [r["remove"] for r in report["finalists"]] == finalists
+    measured = {}
+    for removal in finalists:
+        model = tied_llama(torch.float32)
+        repair = fit_repair(model, removal, windows.tokens, "scale")
+        prune_layers(model, removal)
+        fold_repair(model, repair)
+        measured[tuple(removal)] = mean_nll(model, windows.tokens)
+    for row in report["finalists"]:
+        assert row["repaired_nll"] == pytest.approx(measured[tuple(row["remove"])], rel=1e-5)
+    assert chosen.remove == list(min(measured, key=measured.get))
+    assert chosen.cost.passes > 3 and chosen.cost.token_passes > 30 and -1 <= report["rank_agreement"] <= 1
+    assert choose_for_repair(tied_llama(torch.float32), plan, windows, "none") is plan
+
+
+def test_linearpatch_is_measured_with_a_hook_and_never_saved():
+    from layershap.transform.repair import hadamard
+
+    for d in (12, 32, 576):
+        H = hadamard(d)
+        torch.testing.assert_close(H @ H.T, torch.eye(d, dtype=torch.float64))
+        assert torch.allclose(H.abs(), torch.full_like(H, d ** -0.5))
+    model = tied_llama(torch.float32)
+    repair = fit_repair(model, [1, 2], TOKENS, "linearpatch")
+    assert [f.kind for f in repair.fits] == ["stream"]
+    with torch.no_grad():
+        with repaired(model, [1, 2], repair):
+            patched = model(TOKENS).logits
+        with repaired(model, [1, 2], fit_repair(model, [1, 2], TOKENS, "none")):
+            plain = model(TOKENS).logits
+    assert not torch.allclose(patched, plain)
+    with pytest.raises(LayershapError, match="no weight of the model absorbs"):
+        check_repairable(model, "linearpatch")

@@ -3,6 +3,7 @@
     check    -> plan request (plan/choose.py) and output (transform/write.py), before any forward pass
     windows  -> calibration and held-out token windows (data/)
     choose   -> Plan: a method, the sublayer game, or an earlier run's plan (plan/choose.py)
+    rejudge  -> with a repair, the search's finalists judged after it (transform/repair_choice.py)
     repair   -> a training-free correction per removed run, fitted for the plan (transform/repair.py)
     remove   -> the model without the plan's blocks or sublayers, the repair folded into its weights
     evaluate -> held-out perplexity before and after
@@ -38,7 +39,8 @@ class PruneSettings:
     estimate: the Shapley method's `EstimateSettings` (budget, sampler, ... and `confirm`); store: its
         evaluation store.
     repair, repair_samples: the recipe (`transform/repair.py`) and how many calibration windows it is fitted
-        on, drawn from the calibration text apart from the windows the choice used.
+        on, drawn from the calibration text apart from the windows the choice used; repair_choice: judge the
+        search's finalists after the repair and keep the best repaired one.
     config: the options as the CLI resolved them, written with provenance to config.toml.
     """
 
@@ -61,6 +63,7 @@ class PruneSettings:
     quantize: str | None = None
     repair: str = "none"
     repair_samples: int = 32
+    repair_choice: bool = True
     estimate: object = None
     store: str | None = None
     config: dict | None = None
@@ -96,6 +99,7 @@ def prune_model(model, tokenizer, settings: PruneSettings, *, backend=None) -> d
     parameters = run_config(model, settings, request)  # the dtype it ran in, before anything changes it
     with use_backend(backend):
         plan = choose_plan(model, windows.calibration, request, confirmation=windows.confirmation)
+    plan = rejudge_for_repair(model, plan, windows.calibration, recipe, settings)
     repair = fit_repair(model, plan.remove, windows.repair, recipe, batch_size=settings.batch_size)
     apply_plan(model, plan, request.granularity)
     fold_repair(model, repair)
@@ -126,6 +130,15 @@ def check_repair(model, settings: PruneSettings) -> str:
     from layershap.transform.repair import check_repairable
 
     return check_repairable(model, settings.repair, settings.granularity).name
+
+
+def rejudge_for_repair(model, plan: Plan, calibration: TextWindows, recipe: str, settings: PruneSettings) -> Plan:
+    """With a repair and `repair_choice`, the finalist that is best after repair (the plan as it is otherwise)."""
+    if recipe == "none" or not settings.repair_choice:
+        return plan
+    from layershap.transform.repair_choice import choose_for_repair
+
+    return choose_for_repair(model, plan, calibration, recipe, batch_size=settings.batch_size)
 
 
 def fit_repair(model, removed, windows: TextWindows | None, recipe: str, *, batch_size: int):

@@ -81,6 +81,9 @@ def prune(ctx: typer.Context,
                                                    "(ReplaceMe). See docs/repair.md.")] = "none",
           repair_samples: Annotated[int, typer.Option(help="Calibration windows the repair is fitted on, apart "
                                                            "from the ones the blocks were chosen on.")] = 32,
+          repair_choice: Annotated[bool, typer.Option(help="With --repair and the Shapley search: judge the "
+                                                           "search's finalists after their repair and keep the "
+                                                           "best repaired plan.")] = True,
           granularity: Annotated[str, typer.Option(help="Players: block (remove whole blocks) or sublayer (attention "
                                                         "and MLP sublayers; --ratio is then a share of the blocks' "
                                                         "parameters, and the saved model loads with "
@@ -129,7 +132,8 @@ def prune(ctx: typer.Context,
                                        data=data, seed=seed, eval_data=_names(eval_data), eval_samples=eval_samples,
                                        eval_seq_len=eval_seq_len, batch_size=batch_size, granularity=granularity,
                                        plan_file=plan, out_format=out_format, quantize=quantize, repair=repair,
-                                       repair_samples=repair_samples, estimate=settings,
+                                       repair_samples=repair_samples, repair_choice=repair_choice,
+                                       estimate=settings,
                                        store=store, config=parameters_from_context(ctx), **window)
         record = prune_model(loaded, tokenizer, prune_settings, backend=runner)
     if granularity == "sublayer":
@@ -144,6 +148,10 @@ def prune(ctx: typer.Context,
         typer.echo(f"repaired ({record['repair']['recipe']}): " + "; ".join(
             f"blocks {c['removed'][0]}-{c['removed'][1]} " + (f"x{c['scale']:.3f}" if "scale" in c else c["kind"])
             for c in cuts) + f" ({record['repair']['seconds']:.1f} s)")
+    choice = (record.get("plan") or {}).get("repair_choice")
+    if choice:
+        typer.echo(f"judged {len(choice['finalists'])} finalists after repair: "
+                   + ("chose another plan than before repair" if choice["changed"] else "the same plan won"))
     for name in record["ppl_before"]:
         typer.echo(f"{name} perplexity: {record['ppl_before'][name]:.3f} -> {record['ppl_after'][name]:.3f}")
     for name, value in record.get("quantization", {}).get("ppl", {}).items():
@@ -177,6 +185,9 @@ def estimate(ctx: typer.Context,
                                                    "(ReplaceMe). See docs/repair.md.")] = "none",
           repair_samples: Annotated[int, typer.Option(help="Calibration windows the repair is fitted on, apart "
                                                            "from the ones the blocks were chosen on.")] = 32,
+          repair_choice: Annotated[bool, typer.Option(help="With --repair and the Shapley search: judge the "
+                                                           "search's finalists after their repair and keep the "
+                                                           "best repaired plan.")] = True,
           granularity: Annotated[str, typer.Option(help="Players: block, or sublayer (attn.i and mlp.i of every "
                                                            "block, 2n players).")] = "block"):
     """Estimate every layer's Shapley value: sample masks, evaluate them (reusing the store), fit the

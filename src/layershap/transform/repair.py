@@ -27,16 +27,18 @@ logits.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from layershap.errors import LayershapError
 from layershap.models.architectures import architecture_of
 from layershap.models.layers import block_list, keep_only, normalise_layer_list
+from layershap.plan.cost import Cost
 
 # Families whose block writes to the stream only through `self_attn.o_proj` and `mlp.down_proj` (plain
 # Linear layers) and reads it only through an RMSNorm/LayerNorm: the scale fold above is exact for them.
@@ -107,7 +109,7 @@ class CutFit:
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    kind: str  # "none", "scale" or "map"
+    kind: str  # "none", "scale", "map", or "stream" (a d x d map of the stream: hooks only, never folded)
     fit: Callable | None
     summary: str
     fallback: Callable | None = None  # the scale a map recipe uses where no map can be folded
@@ -149,6 +151,68 @@ def _cosine_map(mlp_out: torch.Tensor, rest: torch.Tensor, target: torch.Tensor,
     return T.detach()
 
 
+def hadamard(d: int) -> torch.Tensor:
+    """An orthonormal Hadamard matrix of order d (float64), as a Kronecker product of Sylvester's order-2
+    matrices and Paley's order q + 1 matrices (q a prime with q = 3 mod 4: 12, 20, 24, 44, ...), which
+    covers the hidden sizes of common models (576 = 12 * 12 * 4, 4096 = 2^12, 3584 = 28 * 128, ...)."""
+    factors, rest = [], d
+    while rest % 2 == 0 and rest > 1 and not _paley_order(rest):
+        rest //= 2
+        factors.append(2)
+    for order in sorted(_paley_orders(rest), reverse=True):
+        while rest % order == 0 and rest > 1:
+            rest //= order
+            factors.append(order)
+    while rest % 2 == 0 and rest > 1:
+        rest //= 2
+        factors.append(2)
+    if rest != 1:
+        raise LayershapError(f"no Hadamard matrix of order {d} can be built here (linearpatch needs one)")
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    for order in factors:
+        matrix = torch.kron(matrix, _sylvester2() if order == 2 else _paley(order - 1))
+    matrix = matrix / math.sqrt(d)
+    if not torch.allclose(matrix @ matrix.T, torch.eye(d, dtype=torch.float64), atol=1e-9):
+        raise LayershapError(f"the Hadamard matrix of order {d} came out wrong")
+    return matrix
+
+
+def _sylvester2() -> torch.Tensor:
+    return torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+
+
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % p for p in range(2, int(q ** 0.5) + 1))
+
+
+def _paley_order(m: int) -> bool:
+    return m % 4 == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3
+
+
+def _paley_orders(m: int) -> list[int]:
+    return [o for o in range(4, m + 1, 4) if m % o == 0 and _paley_order(o)]
+
+
+def _paley(q: int) -> torch.Tensor:
+    """Paley's construction I: with Q the Jacobsthal matrix of GF(q), S = [[0, 1], [-1, Q]] is skew and
+    I + S is a Hadamard matrix of order q + 1."""
+    squares = {(x * x) % q for x in range(1, q)}
+    chi = [0] + [1 if a in squares else -1 for a in range(1, q)]
+    Q = torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float64)
+    S = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    S[0, 1:], S[1:, 0], S[1:, 1:] = 1, -1, Q
+    return torch.eye(q + 1, dtype=torch.float64) + S
+
+
+def _linearpatch(entering: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """LinearPatch: in the Hadamard basis (which spreads a few channels' massive activations over all), one
+    scale per channel, the ratio of the channel's mean magnitude after the run (dense) to entering the cut;
+    the patch is H diag(s) H^T, applied to the stream."""
+    H = hadamard(entering.shape[1])
+    scales = (target @ H).abs().mean(0) / (entering @ H).abs().mean(0).clamp_min(1e-12)
+    return H @ torch.diag(scales) @ H.T
+
+
 REPAIRS: dict[str, Recipe] = {}
 
 
@@ -166,6 +230,9 @@ register_repair(Recipe("scale", "scale", _token_norm_scale,
 register_repair(Recipe("replaceme-lstsq", "map", _lstsq_map,
                        "ReplaceMe: a d x d least-squares map of the MLP output before each cut, folded into its "
                        "down projection", fallback=_prunecomp_scale))
+register_repair(Recipe("linearpatch", "stream", _linearpatch,
+                       "LinearPatch: a Hadamard-rotated per-channel scaling of the stream at each cut (H diag(s) H^T); "
+                       "no weight absorbs it exactly, so it is measured with a hook and not saved"))
 register_repair(Recipe("replaceme-cosine", "map", _cosine_map,
                        "ReplaceMe: a d x d cosine-distance map of the MLP output before each cut, folded into its "
                        "down projection", fallback=_prunecomp_scale))
@@ -187,6 +254,10 @@ def check_repairable(model, name: str, granularity: str = "block") -> Recipe:
     recipe = recipe_for(name)
     if recipe.kind == "none":
         return recipe
+    if recipe.kind == "stream":
+        raise LayershapError(f"--repair {name} multiplies the residual stream by a d x d matrix, which no weight of "
+                             "the model absorbs exactly (the norms of later blocks do not commute with it), so the "
+                             "saved model would need an extra layer; use --repair scale, prunecomp or replaceme-*")
     if granularity != "block":
         raise LayershapError("--repair works on whole-block plans; use --repair none with --granularity sublayer")
     model_type = model.config.model_type
@@ -226,6 +297,15 @@ def _installed(blocks, fits: list[CutFit]):
                 return args, kwargs
 
             handles.append(blocks[fit.cut.after].register_forward_pre_hook(pre, with_kwargs=True))
+        elif fit.kind == "stream":
+            def pre_map(module, args, kwargs, P=fit.map):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                mapped = (hidden.double() @ P.to(hidden.device)).to(hidden.dtype)
+                if args:
+                    return (mapped, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": mapped}
+
+            handles.append(blocks[fit.cut.after].register_forward_pre_hook(pre_map, with_kwargs=True))
         elif fit.kind == "map":
             mlp = _submodule(blocks[fit.cut.before], MLP_OUT)
 
@@ -269,18 +349,24 @@ def _flat(chunks: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).double().cpu()
 
 
-def dense_targets(model, cuts: list[Cut], tokens: torch.Tensor, batch_size: int) -> dict[int, torch.Tensor]:
-    """The dense model's stream after each cut's run (the output of its last removed block), per cut start."""
+def dense_targets(model, ends, tokens: torch.Tensor, batch_size: int, cost: Cost | None = None) -> dict[int, torch.Tensor]:
+    """The dense model's stream after block `end` (what follows a removed run ending there), for every end,
+    in one pass that stops after the last of them."""
     blocks = block_list(model)
-    seen: dict[int, list] = {c.start: [] for c in cuts}
+    ends = sorted(set(ends))
+    seen: dict[int, list] = {end: [] for end in ends}
     hooks = []
-    for cut in cuts:
-        def grab(module, args, kwargs, output, start=cut.start):
-            seen[start].append((output[0] if isinstance(output, (tuple, list)) else output).detach())
+    for end in ends:
+        def grab(module, args, kwargs, output, end=end):
+            seen[end].append((output[0] if isinstance(output, (tuple, list)) else output).detach())
+            if end == ends[-1]:
+                raise _Stop
 
-        hooks.append((blocks[cut.end], "post", grab))
+        hooks.append((blocks[end], "post", grab))
     _capture(model, tokens, batch_size, hooks)
-    return {start: _flat(chunks) for start, chunks in seen.items()}
+    if cost is not None:
+        cost.add(int(tokens.numel()), ends[-1] + 1)
+    return {end: _flat(chunks) for end, chunks in seen.items()}
 
 
 def _pruned_activations(model, cut: Cut, tokens: torch.Tensor, batch_size: int, with_mlp: bool):
@@ -318,24 +404,25 @@ class Repair:
     recipe: str
     fits: list[CutFit] = field(default_factory=list)
     tokens: int = 0
-    token_passes: float = 0.0
+    cost: Cost = field(default_factory=Cost)
     seconds: float = 0.0
     calibration: dict | None = None
     touched: list[dict] = field(default_factory=list)
 
     def describe(self) -> dict:
         return {"recipe": self.recipe, "cuts": [f.describe() for f in self.fits], "tokens": self.tokens,
-                "token_passes": round(self.token_passes, 1), "seconds": round(self.seconds, 2),
+                "cost": asdict(self.cost), "seconds": round(self.seconds, 2),
                 "calibration": self.calibration, "touched": self.touched}
 
 
 def fit_repair(model, removed: Sequence[int], tokens: torch.Tensor, recipe_name: str, *,
-               batch_size: int = 8) -> Repair:
+               batch_size: int = 8, targets: dict[int, torch.Tensor] | None = None) -> Repair:
     """Fit `recipe_name` for removing `removed` (original block indices) from the dense `model`, cut by cut,
     on `tokens` ([windows, seq_len]). The model is left as it was (nothing folded yet: `fold_repair`).
 
-    token_passes counts tokens times the share of the dense model's blocks each pass ran (a dense pass over
-    every token is `tokens`), as the game's costs do."""
+    targets: the dense streams `dense_targets` returns, when several plans are fitted on the same tokens (then
+    their pass is not counted here). `cost` counts token-passes as the game does (one token through one
+    block; these passes stop at the cut and never run the head)."""
     recipe = recipe_for(recipe_name)
     started = time.perf_counter()
     n = len(block_list(model))
@@ -344,8 +431,8 @@ def fit_repair(model, removed: Sequence[int], tokens: torch.Tensor, recipe_name:
     if recipe.kind == "none" or not removed:
         return repair
     cuts = removed_runs(removed, n)
-    targets = dense_targets(model, cuts, tokens, batch_size)
-    repair.token_passes += tokens.numel() * (max(c.end for c in cuts) + 1) / n
+    if targets is None:
+        targets = dense_targets(model, [c.end for c in cuts], tokens, batch_size, repair.cost)
     keep = [i for i in range(n) if i not in set(removed)]
     with keep_only(model, keep):
         blocks = block_list(model)
@@ -355,16 +442,18 @@ def fit_repair(model, removed: Sequence[int], tokens: torch.Tensor, recipe_name:
                 fit.note = "no kept block before this run: the map would need the (tied) embedding; scaled instead"
             use_map = recipe.kind == "map" and cut.before is not None
             if cut.after is None and not use_map:
-                fit.note = "a scale before the final norm changes nothing"
+                fit.note = ("a scale before the final norm changes nothing" if recipe.kind != "stream" else
+                            "a run that ends the stack: no kept block after it to patch the input of")
                 repair.fits.append(fit)
                 continue
             with _installed(blocks, repair.fits):
                 entering, mlp_out = _pruned_activations(model, cut, tokens, batch_size, use_map)
-            ran = (cut.after if cut.after is not None else len(blocks))
-            repair.token_passes += tokens.numel() * ran / n
-            target = targets[cut.start]
+            repair.cost.add(int(tokens.numel()), cut.after if cut.after is not None else len(blocks))
+            target = targets[cut.end]
             if use_map:
                 fit.kind, fit.map = "map", recipe.fit(mlp_out, entering - mlp_out, target)
+            elif recipe.kind == "stream":
+                fit.kind, fit.map = "stream", recipe.fit(entering, target)
             else:
                 scale_fit = recipe.fit if recipe.kind == "scale" else recipe.fallback
                 fit.kind, fit.scale = "scale", scale_fit(entering, target)
@@ -422,6 +511,8 @@ def fold_repair(model, repair: Repair) -> list[dict]:
     `repair.touched`)."""
     if not repair.fits or all(f.kind == "none" for f in repair.fits):
         return []
+    if any(f.kind == "stream" for f in repair.fits):
+        check_repairable(model, repair.recipe)  # refuses, saying why
     model_type = model.config.model_type
     writers = WRITERS.get(model_type)
     if writers is None:

@@ -50,7 +50,7 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
     settings = settings or EstimateSettings(seed=seed, target_removed=k)
     game = LayerGame(model, windows, utility=settings.utility, batch_size=batch_size)
     n, tokens = game.n_players, int(tokens_of(windows).numel())
-    cost, confirmation = Cost(), None
+    cost, confirmation, candidates = Cost(), None, []
     with open_store(model, store) as db:
         settings.check(n)
         stored = set(db.all_nlls(measurement_context(game)))
@@ -74,8 +74,9 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
             result = estimate_from_measurements(game.utility, refined.masks, refined.nlls, settings)
             result.evaluations, result.reused = first.evaluations + refined.evaluations, first.reused
             best = refined.best
-            if confirming and best is not None:
+            if k > 0:  # also what a later stage may judge again (after a repair): the best measured plans, seeds
                 candidates = finalists(refined.masks, refined.nlls, k, protect, result.base_nll, seeds)
+            if confirming and best is not None:
                 confirmation = successive_halving(model, confirmation_windows, candidates, db,
                                                   samples=windows.samples, utility=settings.utility,
                                                   batch_size=batch_size)
@@ -106,6 +107,8 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
         "plan": settings.plan,
         "seed_plans": seeds,
     }
+    if candidates:
+        details["finalists"] = [[int(i) for i in np.flatnonzero(~c)] for c in candidates]
     if reference:  # the game's loss is a KL: no perplexity of it; the perplexities from plain NLL passes
         details.update({"loss": game.loss_name, "predicted_calibration_kl": predicted_nll,
                         "measured_calibration_kl": measured_nll, "measured_calibration_ppl": _ppl(plan_nll),

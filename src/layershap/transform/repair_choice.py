@@ -1,0 +1,88 @@
+"""Choose the plan for the repaired model: the search's finalists judged after their repair.
+
+The blocks cheapest to lose before a repair need not be the cheapest after it: a cut whose damage is mostly a
+change of magnitude is nearly free once rescaled, while one that changes the stream's direction is not. The
+Shapley search already measured many plans; its finalists (the best measured plans and the rivals' seed plans,
+`plan/confirm.py`'s `finalists`) are refitted with the repair and measured again on the calibration windows,
+and the best repaired one is kept.
+
+Judged on the windows the search measured them on, so that every finalist is compared on the same tokens as
+before (the screening NLL beside the repaired one shows how much the ranking moved); each finalist's repair is
+fitted on those windows too (a scale per cut has one number to fit, so fitting and judging on the same
+windows flatters no finalist more than another), and the chosen plan's repair is then fitted again on the
+repair windows. The dense model's streams are traced once for all finalists.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from layershap.game.nll import mean_nll
+from layershap.models.layers import keep_only, num_layers
+from layershap.plan.cost import Cost
+from layershap.plan.methods.base import Plan
+from layershap.transform.repair import dense_targets, fit_repair, recipe_for, removed_runs, repaired
+
+
+def choose_for_repair(model, plan: Plan, calibration, recipe: str, *, batch_size: int = 8) -> Plan:
+    """The plan among `plan.details["finalists"]` (and `plan.remove`) with the lowest calibration NLL after
+    `recipe`'s repair; `plan` itself when there is nothing to choose from. The returned plan's details gain
+    `repair_choice` (every finalist's NLL before and after repair, the ranking's agreement, what it cost) and
+    its cost includes this step's passes."""
+    candidates = _candidates(plan)
+    if recipe_for(recipe).kind == "none" or len(candidates) < 2:
+        return plan
+    started = time.perf_counter()
+    tokens = calibration.tokens
+    n = num_layers(model)
+    cost = Cost()
+    ends = {cut.end for removal in candidates for cut in removed_runs(removal, n)}
+    targets = dense_targets(model, ends, tokens, batch_size, cost)
+    rows = []
+    for removal in candidates:
+        kept = n - len(removal)
+        with keep_only(model, [i for i in range(n) if i not in set(removal)]):
+            before = mean_nll(model, tokens, batch_size=batch_size)
+        repair = fit_repair(model, removal, tokens, recipe, batch_size=batch_size, targets=targets)
+        with repaired(model, removal, repair):
+            after = mean_nll(model, tokens, batch_size=batch_size)
+        cost.include(repair.cost)
+        cost.add(int(tokens.numel()), kept + 1, passes=2)
+        rows.append({"remove": removal, "nll": before, "repaired_nll": after})
+    best = min(range(len(rows)), key=lambda i: (rows[i]["repaired_nll"], i))
+    chosen = rows[best]["remove"]
+    report = {"recipe": recipe, "windows": calibration.describe(), "finalists": rows, "chosen": chosen,
+              "changed": sorted(chosen) != sorted(plan.remove), "rank_agreement": _kendall(rows),
+              "cost": {"passes": cost.passes, "token_passes": cost.token_passes},
+              "seconds": round(time.perf_counter() - started, 2)}
+    total = Cost()
+    if plan.cost is not None:
+        total.include(plan.cost)
+    total.include(cost)
+    return replace(plan, remove=[int(i) for i in chosen], forward_passes=total.passes, cost=total,
+                   seconds=plan.seconds + (time.perf_counter() - started),
+                   details={**plan.details, "repair_choice": report})
+
+
+def _candidates(plan: Plan) -> list[list[int]]:
+    seen, out = set(), []
+    for removal in [plan.remove, *plan.details.get("finalists", [])]:
+        key = tuple(sorted(int(i) for i in removal))
+        if key not in seen:
+            seen.add(key)
+            out.append(list(key))
+    return out
+
+
+def _kendall(rows: list[dict]) -> float | None:
+    """Kendall's tau between the finalists' order before and after repair (1: repair changes no ranking)."""
+    before = np.array([r["nll"] for r in rows])
+    after = np.array([r["repaired_nll"] for r in rows])
+    pairs = [(i, j) for i in range(len(rows)) for j in range(i + 1, len(rows))]
+    if not pairs:
+        return None
+    agree = sum(np.sign(before[i] - before[j]) * np.sign(after[i] - after[j]) for i, j in pairs)
+    return round(float(agree / len(pairs)), 4)
