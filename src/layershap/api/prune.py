@@ -99,7 +99,8 @@ def prune_model(model, tokenizer, settings: PruneSettings, *, backend=None) -> d
     parameters = run_config(model, settings, request)  # the dtype it ran in, before anything changes it
     with use_backend(backend):
         plan = choose_plan(model, windows.calibration, request, confirmation=windows.confirmation)
-    plan = rejudge_for_repair(model, plan, windows.calibration, recipe, settings)
+    if request.saved is None:  # a plan given with --plan is removed as it is
+        plan = rejudge_for_repair(model, plan, windows.calibration, recipe, settings)
     repair = fit_repair(model, plan.remove, windows.repair, recipe, batch_size=settings.batch_size)
     apply_plan(model, plan, request.granularity)
     fold_repair(model, repair)
