@@ -113,9 +113,12 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int, default=500)
     parser.add_argument("--heal", default="", help="cells k:draw that also get +heal rows (LoRA, default steps)")
     parser.add_argument("--heal-recipe", default="scale")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tokenizer = layershap.load_model()
     genres = [g for g in PACKAGED_TEXTS if g != "c4"]
@@ -151,7 +154,7 @@ def main(argv=None) -> None:
               f"geomean {row['geomean']:.2f}" + (f" retained {row['zero_shot']['retained']:.3f}"
                                                  if "zero_shot" in row else ""), flush=True)
 
-    measured = {}  # (draw, removed, recipe) -> the measurement, shared by methods that chose the same plan
+    measured = {}  # (draw, removed, recipe, zero-shot) -> the measurement, shared by methods with the same plan
 
     def judge(k, draw, method, removed, recipe, repair_windows, choice_cost, extra=None):
         nonlocal reused
@@ -160,7 +163,8 @@ def main(argv=None) -> None:
         if key in done:
             reused += 1
             return done[key]
-        same = measured.get((draw, tuple(sorted(removed)), recipe, (k, draw) in zero_cells))
+        same = measured.get((draw if recipe != "none" else None, tuple(sorted(removed)), recipe,
+                             (k, draw) in zero_cells))
         if same is not None:
             row = {**same, **cell, "key": key, "choice_cost": choice_cost, **(extra or {}),
                    "measured_with": same["method"]}
@@ -176,7 +180,8 @@ def main(argv=None) -> None:
             if (k, draw) in zero_cells:
                 acc = zero_shot_row(model, tokenizer, tasks, args.limit)
                 row["zero_shot"] = {"acc": acc, **retained(acc, result["dense_zero_shot"]["acc"])}
-        measured[(draw, tuple(sorted(removed)), recipe, (k, draw) in zero_cells)] = row
+        # no repair: the plan's numbers do not depend on the draw; a repair is fitted on the draw's windows
+        measured[(draw if recipe != "none" else None, tuple(sorted(removed)), recipe, (k, draw) in zero_cells)] = row
         emit(row)
         return row
 

@@ -191,3 +191,39 @@ def test_compare_includes_quantized_variants(tiny_model_dir, long_text_file, tmp
     assert rows["shortgpt+int8"]["removed"] == rows["shortgpt"]["removed"]
     assert rows["shortgpt+int8"]["weight_bytes"] < rows["dense+int8"]["weight_bytes"]
     assert all(math.isfinite(v) for row in rows.values() for v in row["ppl"].values())
+
+
+def test_compare_includes_repaired_variants(tiny_model_dir, long_text_file, tmp_path, capsys):
+    """Each plan is also measured with every --repair recipe, as `METHOD+repair:RECIPE` rows whose perplexity is
+    that of the plan removed and the repair folded in (what `prune --repair` saves)."""
+    from transformers import AutoModelForCausalLM
+
+    from layershap.data.windows import text_windows
+    from layershap.game.nll import perplexity
+    from layershap.models.layers import prune_layers
+    from layershap.transform.repair import fit_repair, fold_repair
+
+    out = tmp_path / "cmpr"
+    code, _, err = run_cli(["compare", "--model", tiny_model_dir, "--data", long_text_file, "--eval-data",
+                            long_text_file, "--ratios", "0.34", "--methods", "shortgpt", "--repair",
+                            "scale,replaceme-lstsq", "--repair-samples", "4", *CLI_WINDOWS, "--out", out], capsys)
+    assert code == 0, err
+    rows = {row["method"]: row for row in json.loads((out / "compare.json").read_text())["rows"]}
+    assert set(rows) == {"dense", "shortgpt", "shortgpt+repair:scale", "shortgpt+repair:replaceme-lstsq"}
+    repaired = rows["shortgpt+repair:scale"]
+    assert repaired["removed"] == rows["shortgpt"]["removed"] and repaired["repair"]["recipe"] == "scale"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    calibration = text_windows(str(long_text_file), tokenizer, samples=2, seq_len=16, split="calibration")
+    fit_on = text_windows(str(long_text_file), tokenizer, samples=4, seq_len=16, split="calibration",
+                          exclude=calibration)
+    held_out = text_windows(str(long_text_file), tokenizer, samples=2, seq_len=16, split="evaluation")
+    repair = fit_repair(model, repaired["removed"], fit_on.tokens, "scale")
+    prune_layers(model, repaired["removed"])
+    fold_repair(model, repair)
+    assert perplexity(model, held_out.tokens) == pytest.approx(repaired["ppl"][str(long_text_file)], rel=1e-4)
+    code, _, err = run_cli(["compare", "--model", tiny_model_dir, "--ratios", "0.34", "--methods", "shortgpt",
+                            "--repair", "linearpatch", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "no weight of the model absorbs" in err

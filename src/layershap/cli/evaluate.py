@@ -108,6 +108,10 @@ def compare(ctx: typer.Context, ratios: Annotated[str, typer.Option(help="Comma-
             trust_remote_code: TrustRemoteCode = False, config: ConfigOption = None,
             quantize: Annotated[str | None, typer.Option(help="Also measure every plan pruned and quantized with "
                                                               "these torchao schemes, e.g. int8,int4.")] = None,
+            repair: Annotated[str | None, typer.Option(help="Also measure every plan repaired with these recipes "
+                                                            "(rows METHOD+repair:RECIPE), e.g. scale,prunecomp,"
+                                                            "replaceme-lstsq; see `prune --repair`.")] = None,
+            repair_samples: Annotated[int, typer.Option(help="Calibration windows each repair is fitted on.")] = 32,
             granularity: Annotated[str, typer.Option(help="block, or sublayer: --ratios are then shares of the "
                                                           "blocks' parameters; shapley, blockpruner and llmdrop "
                                                           "remove attention and MLP sublayers, block methods the "
@@ -134,6 +138,14 @@ def compare(ctx: typer.Context, ratios: Annotated[str, typer.Option(help="Comma-
 
         for scheme in schemes:
             check_scheme(scheme, resolve_device(device))
+    repairs = _names(repair) if repair else []
+    if repairs:
+        from layershap.transform.repair import recipe_for
+
+        for recipe in repairs:
+            recipe_for(recipe)
+        if repair_samples < 1:
+            raise LayershapError(f"--repair-samples must be at least 1; got {repair_samples}")
     settings, window = estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
                                           utility=utility, paired=paired, seed=seed, samples=samples,
                                           seq_len=seq_len, target_removed=None, confirm=confirm)
@@ -146,7 +158,7 @@ def compare(ctx: typer.Context, ratios: Annotated[str, typer.Option(help="Comma-
                              offline=False if hub else None, settings=settings,
                              store=store, protect=protect_list, model_name=model, out=out,
                              log=lambda line: typer.echo(line, err=True), quantize=schemes,
-                             granularity=granularity, **window)
+                             repairs=repairs, repair_samples=repair_samples, granularity=granularity, **window)
     write_config(**window, **{key: getattr(settings, key) for key in ("budget", "sampler", "surrogate", "utility",
                                                                       "paired")})
     typer.echo(markdown_table(record))

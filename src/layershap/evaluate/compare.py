@@ -109,6 +109,7 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
                     tasks: Sequence[str] | None = None, limit: int | None = None, settings=None, store=None,
                     offline: bool | None = None, protect: Sequence[int] = (), model_name: str | None = None,
                     out=None, quantize: Sequence[str] = (), granularity: str = "block",
+                    repairs: Sequence[str] = (), repair_samples: int = 32,
                     log: Callable[[str], None] | None = None) -> dict:
     """Run every method at every ratio on `model` (left unmodified) and measure each plan.
 
@@ -116,7 +117,9 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
     budget of the shapiq estimators. offline: passed to `zero_shot` (None: offline data when installed). out: when given, the result is written there after every row (see
     `write_compare`), so an interrupted comparison keeps what it had measured. log: called with one line per
     finished row. quantize: torchao schemes (int8, int4); every plan, and the dense model, is then also
-    measured pruned and quantized, as rows named `METHOD+SCHEME` with `weight_bytes`.
+    measured pruned and quantized, as rows named `METHOD+SCHEME` with `weight_bytes`. repairs: recipes of
+    `transform/repair.py`; every plan is then also measured repaired, as rows named `METHOD+repair:RECIPE` with
+    the repair's fit (`repair`), fitted on `repair_samples` calibration windows apart from the choice's.
 
     Returns {"rows": [...], ...}: the dense row first (method "dense", ratio 0), then one row per method and
     ratio with `method`, `ratio`, `k`, `removed`, `kept`, `ppl` ({eval text: perplexity}), `forward_passes`
@@ -163,6 +166,14 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
                              f"choose {max(ks.values())} from; protect fewer blocks or lower --ratios")
     check_gradients(model, methods)
     check_budgets([m for m in methods if granularity == "block" or m != "shapley"], settings, n)
+    repairs = [r for r in dict.fromkeys(repairs) if r != "none"]
+    if repairs:
+        from layershap.transform.repair import check_repairable
+
+        if granularity != "block":
+            raise LayershapError("--repair with --granularity sublayer is not supported; compare block plans")
+        for recipe in repairs:
+            check_repairable(model, recipe)
     quantize = list(dict.fromkeys(quantize))
     if quantize:
         from layershap.transform.quantize import check_quantizable
@@ -178,6 +189,10 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
         fresh = confirmation_windows(data, tokenizer, calibration, settings.confirm)
     held_out = {name: text_windows(name, tokenizer, samples=eval_samples, seq_len=eval_seq_len, seed=seed,
                                    split="evaluation") for name in eval_data}
+    repair_windows = None
+    if repairs:
+        repair_windows = text_windows(data, tokenizer, samples=repair_samples, seq_len=seq_len, seed=seed,
+                                      split="calibration", exclude=calibration)
 
     started = time.perf_counter()
     record = {
@@ -200,13 +215,14 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
         "layershap_version": __version__,
     }
 
-    def measure(mask, target=model) -> dict:
+    def measure(mask, target=model, context=None) -> dict:
+        """Held-out perplexity (and zero-shot) of `target` with only `mask`'s blocks, or under `context`."""
         row: dict = {}
         if granularity == "sublayer":
             from layershap.models.sublayers import keep as keeping  # block masks too
         else:
             keeping = keep_only
-        with keeping(target, mask):
+        with context if context is not None else keeping(target, mask):
             row["ppl"] = perplexities_of(target, held_out, batch_size=batch_size)
             if tasks:
                 from layershap.evaluate.zeroshot import zero_shot
@@ -227,6 +243,18 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
             add({**row, "method": f"{row['method']}+{scheme}", "quantization": scheme,
                  **measure(np.ones(len(row["kept"]), dtype=bool), copy), "weight_bytes": weight_bytes(copy)})
             del copy
+
+    def add_repaired(row: dict) -> None:
+        """The same plan with each repair fitted for it and hooked in (`transform/repair.py`)."""
+        from layershap.transform.repair import fit_repair, repaired
+
+        for recipe in repairs:
+            fitted = time.perf_counter()
+            repair = fit_repair(model, row["removed"], repair_windows.tokens, recipe, batch_size=batch_size)
+            repair.seconds = time.perf_counter() - fitted
+            repair.calibration = repair_windows.describe()
+            add({**row, "method": f"{row['method']}+repair:{recipe}", "repair": repair.describe(),
+                 **measure(None, context=repaired(model, row["removed"], repair))})
 
     def add(row: dict) -> None:
         record["rows"].append(row)
@@ -266,6 +294,7 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
                    "scores": plan.scores, "details": plan.details}
             add(row)
             add_quantized(row)
+            add_repaired(row)
     if out is not None:
         write_compare(record, out)
     return record
