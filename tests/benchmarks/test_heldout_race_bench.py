@@ -164,3 +164,28 @@ def test_the_screened_row_has_the_screenings_own_cost_and_seconds(tmp_path, tiny
     assert 0 < screened["seconds"] < confirmed["seconds"]
     assert screened["seconds"] + spent["seconds"] == pytest.approx(confirmed["seconds"])
     assert screened["cold"] and confirmed["cold"]
+
+
+def test_the_docs_cost_table_is_the_race_json():
+    """docs/benchmarks.md's cost table of the grid, caption included, says what docs/results/heldout_race.json
+    holds: the draws per cell, each row's mean and worst geometric mean, used passes and token-passes."""
+    import json
+    import re
+    import statistics
+
+    root = Path(__file__).parents[2]
+    rows = json.loads((root / "docs/results/heldout_race.json").read_text())["rows"]
+    text = (root / "docs/benchmarks.md").read_text()
+    caption = re.search(r"\*\*Cost and quality over the draws\*\* \((\d+) a cell[^\n]*\n[^\n]*\n\n(.*?)\n\n", text,
+                        re.DOTALL)
+    assert caption, "the cost table's caption no longer says how many draws a cell holds"
+    draws, table = int(caption.group(1)), caption.group(2).splitlines()[2:]
+    assert len(table) > 20
+    for line in table:
+        mixture, k, method, mean, worst, passes, token_passes, _ = (c.strip() for c in line.strip("|").split("|"))
+        cell = [r for r in rows if (r["mixture"], r["k"], r["method"]) == (mixture.strip("`"), int(k), method)]
+        geomeans = [r["geomean"] for r in cell]
+        assert len(cell) == draws, line
+        assert (f"{statistics.mean(geomeans):.2f}", f"{max(geomeans):.2f}") == (mean, worst), line
+        assert {str(r["cost"]["passes"]) for r in cell} == {passes}, line
+        assert {f"{r['cost']['token_passes'] / 1e6:.2f}" for r in cell} == {token_passes}, line
