@@ -213,3 +213,26 @@ def test_the_heavier_commands_run_cheaply_and_refuse_bad_values_in_one_line(tmp_
                                                                              sample_text_file):
     for argv, expected in _heavier_cases(str(tiny_model_dir), str(sample_text_file), str(tmp_path)):
         assert _check(argv) == expected, argv
+
+
+@pytest.mark.parametrize("command", ["prune", "quantize", "heal"])
+def test_out_cannot_be_the_model_being_read(command, tmp_path, tiny_model_dir, sample_text_file):
+    """`--out` the `--model` directory replaced the model while it was read (found by the fuzz: quantize
+    --model D --out D wrote an int4 model over D, and the next command ran that): one line, and the model is
+    left as it was."""
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    cheap = {"prune": ["--data", sample_text_file, "--samples", "1", "--seq-len", "8", "--ratio", "0.34",
+                       "--method", "last"],
+             "quantize": ["--scheme", "int8"],
+             "heal": ["--data", sample_text_file, "--samples", "1", "--seq-len", "8", "--steps", "1"]}[command]
+    for out in (model, tmp_path / "." / "model", f"{model}/"):
+        argv = [command, "--model", model, *cheap, "--eval-data", sample_text_file, "--eval-samples", "1",
+                "--eval-seq-len", "8", "--out", out]
+        code, err = _run(argv)
+        assert code == 2 and "Traceback" not in err, (argv, err)
+        (line,) = error_lines(err)
+        assert "is the model being read" in line
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
