@@ -11,14 +11,16 @@ the summary gives the mean and the worst of that ratio over the draws.
 Methods: `shapley` (the default settings), `shapley-kl` (the default with `--utility kl`), `shapley+confirm`
 (the default with `--confirm` rounds of successive halving on fresh calibration windows; it also reports
 `shapley+confirm:screened`, the plan its screening alone would have kept, i.e. the same run without the
-confirmation step), any of them at another budget with `@B` (`shapley@64`: `--budget 64`), `shortgpt`,
-`angular`, `loo`, `sleb`, `paper` (the paper preset's recipe at `--paper-budget` masks on the same windows).
+confirmation step, with the screening's own cost and seconds: the run's less the confirmation's), any of them
+at another budget with `@B` (`shapley@64`: `--budget 64`), `shortgpt`, `angular`, `loo`, `sleb`, `paper` (the
+paper preset's recipe at `--paper-budget` masks on the same windows).
 
 Cost: every row has the method's `cost` (passes and token-passes used, and paid by this run). The layershap
 variants of one draw share an evaluation store under `--cache`, so their paid cost and seconds can be lower
 than on a cold store; the used cost is what they would spend on a cold one. `loo` is read off the same
 store (the target sampler measures the full model and every single removal first, which is all
-leave-one-out needs); its cost is its own, n + 1 full passes. Held-out perplexities are cached by plan.
+leave-one-out needs); its cost is its own, n + 1 full passes. Held-out perplexities are cached by model
+fingerprint, measurement context and plan, and the output says how many were read from the cache.
 
 The whole grid (5 draws x 2 mixtures x k = 7, 8 (ratio 0.25), 10; every method but the paper preset) is the
 defaults, one process, about 9 hours on 2 CPU cores:
@@ -46,6 +48,7 @@ from _setup import write_result
 import layershap
 from layershap.data.windows import PACKAGED_TEXTS, mixture_texts, text_windows
 from layershap.estimate.pipeline import EstimateSettings, preset_settings
+from layershap.game.context import measurement_context, model_fingerprint
 from layershap.game.layer_game import LayerGame
 from layershap.game.measure import evaluate_masks
 from layershap.game.nll import perplexity
@@ -80,28 +83,45 @@ def geometric_mean(values) -> float:
 
 
 class HeldOut:
-    """Held-out perplexity of a plan on every genre, cached on disk by (genre windows, removed blocks)."""
+    """Held-out perplexity of a plan on every genre, cached on disk as the store keys its rows: by the model's
+    fingerprint (config and every weight), the measurement context (the genre's windows, dtype, device,
+    attention, batch size, torch and transformers versions: `game/context.py`) and the removed blocks, so a
+    reused `--cache` never serves a number another model or setup measured. `read` and `measured` count the
+    cells (one plan on one genre) taken from the cache and measured by this process."""
 
-    def __init__(self, model, tokenizer, samples: int, seq_len: int, path: Path):
-        self.model, self.path = model, path
+    def __init__(self, model, tokenizer, samples: int, seq_len: int, path: Path, *, batch_size: int = 8,
+                 genres=GENRES):
+        self.model, self.path, self.batch_size = model, path, batch_size
         self.windows = {g: text_windows(g, tokenizer, samples=samples, seq_len=seq_len, seed=0, split="evaluation")
-                        for g in GENRES}
+                        for g in genres}
         self.cache = json.loads(path.read_text()) if path.is_file() else {}
+        self.read = self.measured = 0
+        fingerprint = model_fingerprint(model)
+        self.prefix = {g: f"{fingerprint}:{measurement_context(LayerGame(model, w, batch_size=batch_size))}"
+                       for g, w in self.windows.items()}
 
     def ppl(self, removed, genres) -> dict[str, float]:
+        """{genre: perplexity} of the model without the `removed` blocks."""
         mask = removal_mask(num_layers(self.model), removed)
         out = {}
         for genre in genres:
-            key = f"{self.windows[genre].fingerprint()}:{','.join(map(str, sorted(removed)))}"
-            if key not in self.cache:
+            key = f"{self.prefix[genre]}:{','.join(map(str, sorted(removed)))}"
+            if key in self.cache:
+                self.read += 1
+            else:
                 with keep_only(self.model, mask):
-                    self.cache[key] = perplexity(self.model, self.windows[genre].tokens)
+                    self.cache[key] = perplexity(self.model, self.windows[genre].tokens, batch_size=self.batch_size)
+                self.measured += 1
                 # atomic, and merged with what another race process sharing --cache wrote meanwhile
                 on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
                 self.cache = {**on_disk, **self.cache}
                 write_json(self.path, self.cache)
             out[genre] = self.cache[key]
         return out
+
+    def summary(self) -> str:
+        return (f"held-out perplexities: {self.read} of {self.read + self.measured} cells read from the cache "
+                f"({self.path}), {self.measured} measured")
 
 
 def loo_from_store(model, calibration, k: int, store) -> tuple[list[int], Cost]:
@@ -186,10 +206,18 @@ def run_method(method, model, tokenizer, mixture, calibration, k, args, store) -
     rows = [row]
     confirmation = plan.details.get("confirmation", {})
     if "screening_choice" in confirmation:
-        row["confirmation"] = {key: confirmation[key] for key in ("rounds", "reserved_full_passes")}
-        rows.append({"method": "shapley+confirm:screened", "removed": confirmation["screening_choice"],
-                     "cost": vars(plan.cost), "seconds": row["seconds"]})
+        row["confirmation"] = {key: confirmation[key] for key in ("rounds", "reserved_full_passes", "cost", "seconds")}
+        rows.append(screened_row(row, confirmation))
     return rows
+
+
+def screened_row(row: dict, confirmation: dict) -> dict:
+    """The `shapley+confirm:screened` row: the plan the screening kept, with the screening's own cost and
+    seconds (the whole run's less the confirmation's), not the confirmed run's."""
+    cost = {key: value - confirmation["cost"][key] if key != "estimated" else value
+            for key, value in row["cost"].items()}
+    return {"method": "shapley+confirm:screened", "removed": confirmation["screening_choice"], "cost": cost,
+            "seconds": row["seconds"] - confirmation["seconds"], "cold": cost["paid_passes"] == cost["passes"]}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -358,7 +386,8 @@ def main() -> None:
         summary = summarise(rows)
         write_result(args.json, {"arguments": vars(args), "genres": GENRES, "dense": dense, "rows": rows,
                                  "summary": summary, "mixtures": compare_mixtures(rows),
-                                 "markdown": markdown(rows, summary)})
+                                 "markdown": markdown(rows, summary),
+                                 "heldout_cache": {"read": held_out.read, "measured": held_out.measured}})
 
     for mixture in mixtures:
         genres = list(dense[mixture]["ppl"])
@@ -373,17 +402,21 @@ def main() -> None:
                     if (mixture, draw, k, method) in done:
                         continue
                     for row in run_method(method, model, tokenizer, mixture, calibration, k, args, store):
+                        read = held_out.read
                         ppl = held_out.ppl(row["removed"], genres)
                         row.update({"mixture": mixture, "draw": draw, "k": k, "ppl": ppl,
+                                    "heldout_from_cache": held_out.read - read,
                                     "geomean": geometric_mean(ppl.values()),
                                     "calibration": calibration.describe()})
                         rows.append(row)
                         print(f"{mixture} d{draw} k={k} {row['method']:26s} removed={row['removed']} "
                               f"geomean={row['geomean']:.2f} passes={row['cost']['passes']} "
-                              f"paid={row['cost']['paid_passes']} {row['seconds']:.0f}s", flush=True)
+                              f"paid={row['cost']['paid_passes']} {row['seconds']:.0f}s "
+                              f"held-out cached={row['heldout_from_cache']}/{len(genres)}", flush=True)
                     save()
     save()
     print(markdown(rows, summarise(rows)))
+    print(held_out.summary())
 
 
 if __name__ == "__main__":

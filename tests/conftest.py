@@ -138,3 +138,10 @@ def run_cli(args, capsys):
         main([str(a) for a in args])
     captured = capsys.readouterr()
     return exit_info.value.code, captured.out, captured.err
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr's lines but progress bars (layershap's, and lm-eval's tqdm, which an error can interrupt
+    mid-line: the error then starts where the bar stopped)."""
+    lines = [line[line.index("layershap: "):] if "layershap: " in line else line for line in err.splitlines()]
+    return [line for line in lines if line.strip() and "━" not in line and "%|" not in line]

@@ -51,6 +51,24 @@ def check_writable_dir(path, option: str = "--out") -> Path:
     return path
 
 
+def check_out_is_not_the_model(out, model: str | None, option: str = "--out") -> None:
+    """Refuse an output that is the model being read (the same directory or .gguf file): writing there
+    replaces the weights while they are read (safetensors and GGUF files are memory-mapped), and the source
+    model is lost either way."""
+    from layershap.errors import LayershapError
+
+    if out is None or not model:
+        return
+    source = Path(model).expanduser()
+    try:
+        same = source.exists() and Path(out).expanduser().resolve() == source.resolve()
+    except OSError:
+        return
+    if same:
+        raise LayershapError(f"{option} {out} is the model being read (--model {model}); writing there would "
+                             f"replace it while it is read; give another {option}")
+
+
 def describe_os_error(exc: OSError) -> str:
     """An OSError as one line: what failed, on which path."""
     import errno

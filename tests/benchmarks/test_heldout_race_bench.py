@@ -110,3 +110,82 @@ def test_sleb_steps_kept_on_disk_are_not_run_again(tmp_path, monkeypatch):
     assert len(again.plan(model, windows, 3, 3)["removed"]) == 3
     with pytest.raises(AssertionError, match="ran again"):
         again.plan(model, windows, 4, 4)  # a longer run than the one kept
+
+
+def test_heldout_cache_is_keyed_by_model_and_context_and_counts_what_it_read(tmp_path, tiny_tokenizer):
+    """A reused cache serves a cell only to the model and setup that measured it: another model (other
+    weights), dtype or batch size measures again, and the counts say how many cells came from the cache."""
+    import torch
+    from tiny_models import tiny_model
+
+    path = tmp_path / "heldout.json"
+    genres = ["tiny", "technical"]  # the two smallest texts: quick to tokenize
+
+    def held_out(model, **options):
+        return race.HeldOut(model, tiny_tokenizer, 1, 8, path, genres=genres, **options)
+
+    first = held_out(tiny_model("llama"))
+    measured = first.ppl([1], genres)
+    assert (first.read, first.measured) == (0, 2)
+    assert first.ppl([1], genres) == measured and (first.read, first.measured) == (2, 2)
+    assert "2 of 4 cells read from the cache" in first.summary()
+
+    same = held_out(tiny_model("llama"))
+    assert same.ppl([1], genres) == measured and (same.read, same.measured) == (2, 0)
+
+    other = tiny_model("llama")
+    with torch.no_grad():
+        next(other.parameters()).add_(0.5)
+    for fresh in (held_out(other), held_out(tiny_model("llama").to(torch.float64)),
+                  held_out(tiny_model("llama"), batch_size=1)):
+        fresh.ppl([1], genres)
+        assert (fresh.read, fresh.measured) == (0, 2)
+    assert held_out(other).ppl([1], genres) != measured
+
+
+def test_the_screened_row_has_the_screenings_own_cost_and_seconds(tmp_path, tiny_tokenizer):
+    """`shapley+confirm:screened` is the run without its confirmation: the confirmed run's cost and seconds
+    less the confirmation's, not a copy of them."""
+    from types import SimpleNamespace
+
+    from tiny_models import tiny_model
+
+    from layershap.data.windows import text_windows
+
+    calibration = text_windows("tiny", tiny_tokenizer, samples=2, seq_len=8, seed=0)
+    args = SimpleNamespace(budget=40, confirm=2, k_values=[2], paper_budget=8)
+    confirmed, screened = race.run_method("shapley+confirm", tiny_model("llama"), tiny_tokenizer, "tiny",
+                                          calibration, 2, args, tmp_path / "s.sqlite")
+    assert screened["method"] == "shapley+confirm:screened"
+    spent = confirmed["confirmation"]
+    assert confirmed["cost"]["passes"] > screened["cost"]["passes"] > 0
+    for key in ("passes", "token_passes", "paid_passes", "paid_token_passes"):
+        assert screened["cost"][key] + spent["cost"][key] == confirmed["cost"][key]
+    assert 0 < screened["seconds"] < confirmed["seconds"]
+    assert screened["seconds"] + spent["seconds"] == pytest.approx(confirmed["seconds"])
+    assert screened["cold"] and confirmed["cold"]
+
+
+def test_the_docs_cost_table_is_the_race_json():
+    """docs/benchmarks.md's cost table of the grid, caption included, says what docs/results/heldout_race.json
+    holds: the draws per cell, each row's mean and worst geometric mean, used passes and token-passes."""
+    import json
+    import re
+    import statistics
+
+    root = Path(__file__).parents[2]
+    rows = json.loads((root / "docs/results/heldout_race.json").read_text())["rows"]
+    text = (root / "docs/benchmarks.md").read_text()
+    caption = re.search(r"\*\*Cost and quality over the draws\*\* \((\d+) a cell[^\n]*\n[^\n]*\n\n(.*?)\n\n", text,
+                        re.DOTALL)
+    assert caption, "the cost table's caption no longer says how many draws a cell holds"
+    draws, table = int(caption.group(1)), caption.group(2).splitlines()[2:]
+    assert len(table) > 20
+    for line in table:
+        mixture, k, method, mean, worst, passes, token_passes, _ = (c.strip() for c in line.strip("|").split("|"))
+        cell = [r for r in rows if (r["mixture"], r["k"], r["method"]) == (mixture.strip("`"), int(k), method)]
+        geomeans = [r["geomean"] for r in cell]
+        assert len(cell) == draws, line
+        assert (f"{statistics.mean(geomeans):.2f}", f"{max(geomeans):.2f}") == (mean, worst), line
+        assert {str(r["cost"]["passes"]) for r in cell} == {passes}, line
+        assert {f"{r['cost']['token_passes'] / 1e6:.2f}" for r in cell} == {token_passes}, line

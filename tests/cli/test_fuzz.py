@@ -2,7 +2,10 @@
 ends in exit code 0 or in one line and exit code 2, never in a traceback or another code.
 
 In-process `main([...])` calls on a tiny saved model, a bounded number of examples, no deadline (the first
-call of a command loads torch and transformers); about a minute in CI.
+call of a command loads torch and transformers); about a minute in CI. The heavier commands (compare, heal,
+quantize, eval, bench) get their own, smaller run at cheap settings (one window, a step, a token), and a fixed
+list of invocations that each must reach: a cheap run that succeeds, and the bad values most likely to slip
+past a check.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
+from conftest import error_lines
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
@@ -40,6 +44,17 @@ def _run(argv) -> tuple[int, str]:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             return code, err.getvalue()
     return 0, err.getvalue()
+
+
+def _check(argv) -> int:
+    """The exit code, after checking it is 0, or 2 with one line of error and no traceback."""
+    code, err = _run(argv)
+    assert "Traceback" not in err, (argv, err)
+    assert code in (0, 2), (argv, code, err)
+    if code == 2:
+        lines = error_lines(err)
+        assert len(lines) == 1 and lines[0].startswith("layershap: error: "), (argv, err)
+    return code
 
 
 @st.composite
@@ -92,11 +107,132 @@ def test_the_command_line_never_ends_in_a_traceback(tmp_path_factory, tiny_model
               suppress_health_check=list(HealthCheck))
     @given(invocations(tiny_model_dir, workdir))
     def check(argv):
-        code, err = _run(argv)
-        assert "Traceback" not in err, (argv, err)
-        assert code in (0, 2), (argv, code, err)
-        if code == 2:
-            lines = [line for line in err.splitlines() if line.strip() and "━" not in line]
-            assert len(lines) == 1 and lines[0].startswith("layershap: error: "), (argv, err)
+        _check(argv)
 
     check()
+
+
+# One window of 8 tokens, one held-out window, one step, one timed run of a 4-token prompt and 2 new tokens.
+CHEAP = {"data": ["--samples", "1", "--seq-len", "8"], "eval": ["--eval-samples", "1", "--eval-seq-len", "8"]}
+
+
+def _heavier_options(model_dir, workdir, text) -> dict[str, dict[str, tuple[str, st.SearchStrategy]]]:
+    """Per command, its options at a cheap value that works, and what a user might type there instead."""
+    paths = st.sampled_from([str(model_dir), str(text), str(workdir / "missing" / "x"), "/dev/null", str(workdir),
+                             "", str(workdir / "out dir é"), "/proc/x"])
+    model = ("--model", (str(model_dir), paths))
+    data = {"--data": (str(text), st.one_of(paths, TEXT, st.sampled_from(["c4,", "tiny:x", "wiki:0"]))),
+            "--samples": ("1", NUMBERS), "--seq-len": ("8", NUMBERS)}
+    held_out = {"--eval-data": (str(text), st.one_of(paths, TEXT)), "--eval-samples": ("1", NUMBERS),
+                "--eval-seq-len": ("8", NUMBERS)}
+    out = ("--out", (str(workdir / "out"), st.one_of(paths, st.just(str(workdir / "out" / "model.safetensors")))))
+    return {
+        "compare": dict([model, *data.items(), *held_out.items(), out,
+                         ("--ratios", ("0.34", st.one_of(RATIOS, st.sampled_from(["0.2,0.5", "0.34,x", ",", "0.34,0.34"])))),
+                         ("--methods", ("last", st.sampled_from(["last,shortgpt", "nope", "", "last,,", "shortgpt"]))),
+                         ("--batch-size", ("8", NUMBERS)), ("--protect", ("", st.one_of(TEXT, st.just("0,-1"))))]),
+        "heal": dict([model, *data.items(), *held_out.items(), out, ("--steps", ("1", NUMBERS)),
+                      ("--rank", ("1", NUMBERS)), ("--alpha", ("2", RATIOS)), ("--lr", ("1e-3", RATIOS)),
+                      ("--batch-size", ("1", NUMBERS))]),
+        "quantize": dict([model, *held_out.items(), out,
+                          ("--scheme", ("int8", st.sampled_from(["int4", "int3", "", "INT8"]))),
+                          ("--batch-size", ("8", NUMBERS))]),
+        "eval": dict([model, ("--tasks", ("piqa", st.one_of(TEXT, st.sampled_from(["nope", "", "piqa,,", "lambada"])))),
+                      ("--limit", ("1", NUMBERS)), ("--batch-size", ("8", NUMBERS))]),
+        "bench": dict([model, ("--batch-sizes", ("1", st.one_of(NUMBERS, st.sampled_from(["1,x", "-2", "1,,2"])))),
+                       ("--prompt-len", ("4", NUMBERS)), ("--new-tokens", ("2", NUMBERS)),
+                       ("--repeats", ("1", NUMBERS)), ("--warmup", ("0", NUMBERS)),
+                       ("--baseline", (str(model_dir), paths))]),
+    }
+
+
+@st.composite
+def heavier_invocations(draw, options):
+    """compare, heal, quantize, eval or bench at cheap settings that work, with none, one or two option values
+    replaced by drawn ones (so most examples get past the first check), now and then a stray argument."""
+    command = draw(st.sampled_from(sorted(options)))
+    values = {name: good for name, (good, _) in options[command].items()}
+    for name in draw(st.lists(st.sampled_from(sorted(values)), max_size=2, unique=True)):
+        values[name] = draw(options[command][name][1])
+    argv = [command, *(part for name, value in values.items() for part in (name, value))]
+    if draw(st.integers(0, 4)) == 0:
+        argv += ["--dtype", draw(st.sampled_from(["float16", "bfloat16", "int8", ""]))]
+    if draw(st.integers(0, 9)) == 0:
+        argv.append(draw(st.sampled_from(["--bogus", "--out", "--", "é"])))
+    return argv
+
+
+def test_the_heavier_commands_never_end_in_a_traceback(tmp_path_factory, tiny_model_dir, sample_text_file):
+    """On a copy of the tiny model: a drawn `--out` may overwrite it (quantize --out MODEL), and the later
+    examples then run on what was written there, as a user's next command would."""
+    import shutil
+
+    workdir = tmp_path_factory.mktemp("fuzz-heavier")
+    model_dir = shutil.copytree(tiny_model_dir, workdir / "model")
+
+    @settings(max_examples=max(1, EXAMPLES // 3), deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(heavier_invocations(_heavier_options(model_dir, workdir, sample_text_file)))
+    def check(argv):
+        _check(argv)
+
+    check()
+
+
+def _heavier_cases(model, text, out):
+    """(argv, expected exit code): each command's cheap run that succeeds, then bad values it must refuse."""
+    compare = ["compare", "--model", model, "--data", text, *CHEAP["data"], "--eval-data", text, *CHEAP["eval"]]
+    heal = ["heal", "--model", model, "--data", text, *CHEAP["data"], "--eval-data", text, *CHEAP["eval"],
+            "--steps", "1", "--batch-size", "1"]
+    quantize = ["quantize", "--model", model, "--eval-data", text, *CHEAP["eval"]]
+    bench = ["bench", "--model", model, "--batch-sizes", "1", "--prompt-len", "4", "--new-tokens", "2",
+             "--repeats", "1", "--warmup", "0"]
+    return [
+        ([*compare, "--ratios", "0.34", "--methods", "last", "--out", f"{out}/compare"], 0),
+        ([*compare, "--ratios", "1.5", "--methods", "last", "--out", f"{out}/compare"], 2),
+        ([*compare, "--ratios", "0.34", "--methods", "nope", "--out", f"{out}/compare"], 2),
+        ([*compare, "--ratios", "0.34", "--methods", "last", "--out", "/dev/null/x"], 2),
+        ([*heal, "--out", f"{out}/healed"], 0),
+        ([*heal, "--steps", "0", "--out", f"{out}/healed-0"], 2),
+        ([*heal, "--rank", "0", "--out", f"{out}/healed-r"], 2),
+        ([*heal, "--out", "/dev/null/x"], 2),
+        ([*quantize, "--scheme", "int8", "--out", f"{out}/int8"], 0),
+        ([*quantize, "--scheme", "int3", "--out", f"{out}/int3"], 2),
+        ([*quantize, "--scheme", "int8", "--out", "/dev/null/x"], 2),
+        (["eval", "--model", model, "--tasks", "piqa", "--limit", "1"], 0),
+        (["eval", "--model", model, "--tasks", "nope", "--limit", "1"], 2),
+        (["eval", "--model", model, "--tasks", "piqa", "--limit", "-1"], 2),
+        ([*bench, "--baseline", model], 0),
+        ([*bench, "--baseline", f"{out}/missing"], 2),
+        ([*bench, "--batch-sizes", "0"], 2),
+        ([*bench, "--new-tokens", "0"], 2),
+    ]
+
+
+def test_the_heavier_commands_run_cheaply_and_refuse_bad_values_in_one_line(tmp_path, tiny_model_dir,
+                                                                             sample_text_file):
+    for argv, expected in _heavier_cases(str(tiny_model_dir), str(sample_text_file), str(tmp_path)):
+        assert _check(argv) == expected, argv
+
+
+@pytest.mark.parametrize("command", ["prune", "quantize", "heal"])
+def test_out_cannot_be_the_model_being_read(command, tmp_path, tiny_model_dir, sample_text_file):
+    """`--out` the `--model` directory replaced the model while it was read (found by the fuzz: quantize
+    --model D --out D wrote an int4 model over D, and the next command ran that): one line, and the model is
+    left as it was."""
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    cheap = {"prune": ["--data", sample_text_file, "--samples", "1", "--seq-len", "8", "--ratio", "0.34",
+                       "--method", "last"],
+             "quantize": ["--scheme", "int8"],
+             "heal": ["--data", sample_text_file, "--samples", "1", "--seq-len", "8", "--steps", "1"]}[command]
+    for out in (model, tmp_path / "." / "model", f"{model}/"):
+        argv = [command, "--model", model, *cheap, "--eval-data", sample_text_file, "--eval-samples", "1",
+                "--eval-seq-len", "8", "--out", out]
+        code, err = _run(argv)
+        assert code == 2 and "Traceback" not in err, (argv, err)
+        (line,) = error_lines(err)
+        assert "is the model being read" in line
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before

@@ -192,3 +192,21 @@ def test_lm_eval_missing(tiny_tokenizer, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)
     with pytest.raises(LayershapError, match=r"pip install 'layershap\[eval\]'"):
         zero_shot(tiny_model("llama"), tiny_tokenizer, ["piqa"], limit=2, offline=False)
+
+
+@needs_data
+def test_an_answer_longer_than_the_context_is_one_line(capsys, tiny_model_dir, tmp_path):
+    """lm-eval asserts that every answer fits the model's context; a model with a short one got its bare
+    AssertionError as a traceback (found by tests/cli/test_fuzz.py: piqa at --limit 23 on the tiny model)."""
+    import json
+    import shutil
+
+    from conftest import error_lines, run_cli
+
+    short = shutil.copytree(tiny_model_dir, tmp_path / "short")
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4}))
+    code, _, err = run_cli(["eval", "--model", short, "--tasks", "piqa", "--limit", "2"], capsys)
+    lines = error_lines(err)  # lm-eval's progress bars aside
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "longer than the model's context (4 tokens)" in lines[0]

@@ -10,10 +10,12 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from layershap.data.windows import TextWindows
+from layershap.errors import LayershapError
 from layershap.game.context import context_description, context_key, measurement_context
 from layershap.game.kl import KL_TOP_K, dense_reference
 from layershap.game.layer_game import LayerGame, get_utility
 from layershap.game.measure import Measured, evaluate_masks
+from layershap.game.nll import mean_loss
 from layershap.game.store import open_store
 
 
@@ -86,6 +88,27 @@ def test_coarsened_kl_is_the_exact_kl_when_k_covers_the_vocabulary(k):
     value, reference = _kl(Bigram(p_logits), Bigram(q_logits), tokens, k)
     assert reference.k == 40 and torch.isneginf(reference.rest_logp).all()
     assert value == pytest.approx(_exact_kl(p_logits, q_logits, tokens), rel=1e-5)
+
+
+def test_the_reference_refuses_other_windows_of_its_shape():
+    """Keyed by the windows' token ids, not their shape: a second window set of the same shape (or the same
+    windows in another order) is refused in one line; the same windows batched differently, or held as int32,
+    are the same windows."""
+    g = torch.Generator().manual_seed(3)
+    p_logits, q_logits = torch.randn(40, 40, generator=g), torch.randn(40, 40, generator=g)
+    first, second = torch.randint(0, 40, (4, 9), generator=g), torch.randint(0, 40, (4, 9), generator=g)
+    reference = dense_reference(Bigram(p_logits), first, batch_size=2)
+    with torch.inference_mode():
+        for other in (second, first.flip(0), torch.cat([first[:3], second[3:]])):
+            with pytest.raises(LayershapError, match="not the ones the KL's dense reference was measured on") as err:
+                mean_loss(Bigram(q_logits), other, batch_size=2, loss=reference)
+            assert "\n" not in str(err.value)
+        with pytest.raises(LayershapError):
+            reference(Bigram(q_logits), second[2:], 2)
+        value = mean_loss(Bigram(q_logits), first, batch_size=2, loss=reference)
+        assert mean_loss(Bigram(q_logits), first, batch_size=3, loss=reference) == pytest.approx(value, rel=1e-12)
+        assert mean_loss(Bigram(q_logits), first.to(torch.int32), batch_size=2, loss=reference) == value
+    assert value == pytest.approx(_brute_force(p_logits, q_logits, first, KL_TOP_K), rel=1e-5)
 
 
 def test_the_rest_bucket_is_not_one_minus_the_top():

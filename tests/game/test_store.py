@@ -1,4 +1,6 @@
+import os
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,24 +182,45 @@ def test_a_store_of_the_old_schema_stays_readable_and_its_rows_are_not_reused(tm
     assert other.read_bytes() == before
 
 
-def test_a_read_only_store_is_one_line(tmp_path):
-    import os
+def test_a_read_only_store_is_one_line():
+    """A store file and folder the user may not write (chmod; as root, checked as a throwaway uid, so it runs
+    in CI): one line naming the store, nothing else."""
+    from unprivileged import as_unprivileged, reachable_tmpdir
+
+    with reachable_tmpdir() as folder:
+        path = folder / "s.sqlite"
+        EvaluationStore(path, model_fp="abc", n_layers=3).close()
+        path.chmod(0o444)
+        folder.chmod(0o555)
+
+        def check() -> str:
+            assert not os.access(path, os.W_OK)
+            try:
+                EvaluationStore(path, model_fp="abc", n_layers=3).put("ctx", np.ones(3, bool), 1.0, 0.1)
+            except LayershapError as exc:
+                return f"LayershapError: {exc}"
+            return "no error"
+
+        result = as_unprivileged(check)
+    assert result.startswith("LayershapError: cannot write the evaluation store "), result
+    assert "\n" not in result and "make it writable or give another --store" in result
+
+
+def test_a_store_sqlite_opens_read_only_is_one_line(tmp_path, monkeypatch):
+    """The same refusal when SQLite itself opens the file read-only (URI mode=ro: a read-only mount, or a
+    file the process may read but not write), whoever runs the test."""
+    from layershap.game import store as store_module
 
     path = tmp_path / "s.sqlite"
     EvaluationStore(path, model_fp="abc", n_layers=3).close()
-    for leftover in tmp_path.glob("s.sqlite-*"):
-        leftover.unlink()
-    os.chmod(path, 0o444)
-    os.chmod(tmp_path, 0o555)
-    try:
-        if os.access(path, os.W_OK):
-            pytest.skip("running as root: files cannot be made read-only")
-        with pytest.raises(LayershapError, match="evaluation store"):
-            store = EvaluationStore(path, model_fp="abc", n_layers=3)
-            store.put("ctx", np.ones(3, bool), 1.0, 0.1)
-    finally:
-        os.chmod(tmp_path, 0o755)
-        os.chmod(path, 0o644)
+    connect = store_module.sqlite3.connect
+    monkeypatch.setattr(store_module.sqlite3, "connect",
+                        lambda target, **kwargs: connect(f"{Path(target).as_uri()}?mode=ro", uri=True, **kwargs))
+    before = path.read_bytes()
+    with pytest.raises(LayershapError, match="cannot write the evaluation store .*readonly") as err:
+        EvaluationStore(path, model_fp="abc", n_layers=3).put("ctx", np.ones(3, bool), 1.0, 0.1)
+    assert "\n" not in str(err.value)
+    assert path.read_bytes() == before
 
 
 def test_a_locked_store_is_one_line(tmp_path):

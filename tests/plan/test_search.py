@@ -215,3 +215,33 @@ def test_polish_reserve_is_whole_starts_within_its_room_and_never_negative():
     assert _polish_reserve(26.0, 20.0) == 0.0
     assert _polish_reserve(26.0, -5.0) == 0.0
     assert _polish_reserve(0.0, 50.0) == 0.0
+
+
+def test_the_polish_reserve_goes_to_the_rounds_also_when_no_plan_was_measured(monkeypatch):
+    """A first phase that measures no k-removal plan (here: the surrogate search finds none the first time)
+    leaves no plan to polish; the reserve kept back for the polish then goes to the surrogate rounds
+    instead of being left unspent."""
+    from layershap.plan import refine as refine_module
+
+    cost = np.array([5.0, 4.0, 3.0, 2.5, 2.0, 1.5, 0.2, 0.1])
+    nll = lambda mask: 1.0 + float(cost[~mask].sum())
+    monkeypatch.setattr(refine_module, "evaluate_masks",
+                        lambda game, store, masks, description: (np.array([nll(m) for m in masks]), len(masks), 0))
+    searches = []
+    search = refine_module._unmeasured_top_plans
+
+    def finds_nothing_the_first_time(*args, **kwargs):
+        searches.append(kwargs["wanted"])
+        return [] if len(searches) == 1 else search(*args, **kwargs)
+
+    monkeypatch.setattr(refine_module, "_unmeasured_top_plans", finds_nothing_the_first_time)
+    game = type("Game", (), {"n_players": 8, "utility": staticmethod(lambda v, base: base - v)})()
+    masks = np.array([np.ones(8, dtype=bool), *(removal_mask(8, [i]) for i in range(8))])
+    nlls = np.array([nll(m) for m in masks])
+    budget = 36  # a polish start (12 masks) is reserved; 27 of the 28 two-block plans are bought
+    polish = refine_module._polish_cost(8, 2, (), lambda m: 1.0, 1.0)
+    assert 0 < polish and refine_module._polish_reserve(polish, 0.5 * (budget - len(masks))) > 0  # one was kept
+    result = refine_module.refine(game, None, masks, nlls, k=2, budget=budget, surrogate="pairwise", seed=0)
+    assert len(searches) > 1
+    assert len(result.masks) == budget  # every mask of the budget bought, the polish's reserve included
+    assert result.best is not None and result.best.sum() == 6

@@ -103,6 +103,25 @@ def test_quantize_command_and_reload_through_layershap(capsys, tiny_model_dir, l
     _one_line_error(code, err, "already quantized")
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_model_quantized_in_half_precision_reloads_in_it(scheme, capsys, tiny_model_dir, long_text_file, tmp_path):
+    """Quantized in float16 and reloaded with the CPU's default (float32): torchao's int4 weights dequantize to
+    float16 and met float32 activations in a traceback. `auto` now runs a torchao checkpoint in the dtype it was
+    quantized in, with the perplexity the quantize run measured; another dtype runs or is one line."""
+    common = ["--eval-data", long_text_file, "--eval-samples", 1, "--eval-seq-len", 16]
+    code, _, err = run_cli(["quantize", "--model", tiny_model_dir, "--scheme", scheme, "--dtype", "float16",
+                            "--out", tmp_path / "q", *common], capsys)
+    assert code == 0, err
+    measured = json.loads((tmp_path / "q" / "layershap.json").read_text())["quantization"]["ppl_after"]
+    ppl = ["ppl", "--model", tmp_path / "q", "--data", long_text_file, "--samples", 1, "--seq-len", 16, "--json"]
+    code, out, err = run_cli(ppl, capsys)
+    assert code == 0, err
+    assert json.loads(out)["ppl"][str(long_text_file)] == pytest.approx(measured[str(long_text_file)], rel=1e-3)
+    code, out, err = run_cli([*ppl, "--dtype", "float32"], capsys)
+    if code != 0:
+        _one_line_error(code, err, "float16")
+
+
 def test_prune_then_quantize(capsys, tiny_model_dir, long_text_file, tmp_path):
     code, out, err = run_cli(["prune", "--ratio", "0.34", "--method", "shortgpt", "--quantize", "int4",
                               "--model", tiny_model_dir, "--data", long_text_file, "--samples", 2, "--seq-len", 16,

@@ -42,7 +42,7 @@ from layershap.cli.options import load_model_from_options as _load
 from layershap.cli.options import names as _names
 from layershap.config import ConfigOption, parameters_from_context
 from layershap.errors import LayershapError
-from layershap.io import check_writable_dir
+from layershap.io import check_out_is_not_the_model, check_writable_dir
 
 
 def register(app: typer.Typer) -> None:
@@ -116,6 +116,7 @@ def prune(ctx: typer.Context,
         from layershap.transform.quantize import check_scheme
 
         check_scheme(quantize, resolve_device(device))
+    check_out_is_not_the_model(out, model)
     if wants_gguf(out, out_format):
         gguf_source_for(model, quantize)  # refuse before loading and choosing
         check_writable_dir(out.parent)

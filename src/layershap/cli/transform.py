@@ -23,7 +23,7 @@ from layershap.cli.options import (
 from layershap.cli.options import load_model_from_options as _load
 from layershap.cli.options import names as _names
 from layershap.config import ConfigOption
-from layershap.io import check_writable_dir
+from layershap.io import check_out_is_not_the_model, check_writable_dir
 
 Scheme = Annotated[str, typer.Option(help="int8 (weight-only, per row) or int4 (weight-only, groups of 32 on "
                                           "CPU; tinygemm on CUDA with bfloat16).")]
@@ -39,6 +39,7 @@ def quantize(ctx: typer.Context, scheme: Scheme, out: Annotated[Path, typer.Opti
     from layershap.transform.quantize import check_scheme, quantize_run
 
     check_scheme(scheme, resolve_device(device))
+    check_out_is_not_the_model(out, model)
     check_writable_dir(out)
     eval_names = _names(eval_data)
     loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
@@ -71,6 +72,7 @@ def heal(ctx: typer.Context, out: Annotated[Path, typer.Option(help="Directory f
     from layershap.transform.heal import check_heal_options, check_trainable, heal_run
 
     check_heal_options(steps=steps, lr=lr, rank=rank, alpha=alpha, batch_size=batch_size)
+    check_out_is_not_the_model(out, model)
     check_writable_dir(out)
     eval_names = _names(eval_data)
     loaded, tokenizer = _load(model, dtype, device, trust_remote_code)

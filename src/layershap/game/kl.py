@@ -17,13 +17,20 @@ batch with the game's batch size, kept in float32 on the model's device. It take
 (float32 values, int32 indices, one float32 rest per position): 0.5 MiB for 8 windows of 128 tokens,
 whatever the model. Each evaluation then costs one log-softmax over the vocabulary, a gather, a scatter and
 a logsumexp on top of the forward pass (benchmarks/kl_utility.py measures it beside the NLL).
+
+The reference is keyed by the windows it was measured on: a short hash of each window's token ids (as the
+store's context hashes the calibration tokens, `game/context.py`), and every batch is checked against it, so
+other windows of the same shape are refused instead of being scored against the wrong distributions.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
+
+from layershap.errors import LayershapError
 
 # The dense model's most likely tokens kept per position; the rest of its mass is one bucket.
 KL_TOP_K = 64
@@ -44,6 +51,13 @@ def coarsen_(logp: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, tor
     return top, torch.logsumexp(logp, dim=-1)
 
 
+def window_digests(tokens: torch.Tensor) -> tuple[str, ...]:
+    """A short hash of each window's token ids (int64 bytes, so the dtype a caller holds them in is
+    irrelevant): what a dense reference is keyed by. One host copy of the windows, a few microseconds."""
+    rows = tokens.detach().to("cpu", torch.int64).numpy()
+    return tuple(hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest() for row in rows)
+
+
 def coarse_kl(p_top: torch.Tensor, p_rest: torch.Tensor, q_top: torch.Tensor, q_rest: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per position between two coarsened distributions given as log-probabilities (top [..., k],
     rest [...]); an outcome p gives no mass contributes 0, one that q gives none while p does gives inf."""
@@ -59,12 +73,14 @@ class DenseReference:
     loss (`BatchLoss`, `game/nll.py`) of a model against them.
 
     top_logp: [windows, seq_len - 1, k] float32; top_index: the same shape, int32; rest_logp: [windows,
-    seq_len - 1] float32; all on the model's device.
+    seq_len - 1] float32; all on the model's device. windows: `window_digests` of the windows it was measured
+    on; a batch whose windows hash otherwise is refused.
     """
 
     top_logp: torch.Tensor
     top_index: torch.Tensor
     rest_logp: torch.Tensor
+    windows: tuple[str, ...]
 
     @property
     def k(self) -> int:
@@ -78,8 +94,10 @@ class DenseReference:
         """Summed KL (float64) over the batch's predicted positions, and how many positions that is; `start`
         is the index of the batch's first window."""
         rows = slice(start, start + batch.shape[0])
-        if self.top_logp[rows].shape[:2] != (batch.shape[0], batch.shape[1] - 1):
-            raise ValueError("the batch is not the windows the dense reference was measured on")
+        if self.top_logp[rows].shape[:2] != (batch.shape[0], batch.shape[1] - 1) \
+                or window_digests(batch) != self.windows[rows]:
+            raise LayershapError(f"the windows {start} to {start + batch.shape[0] - 1} are not the ones the "
+                                 f"KL's dense reference was measured on; measure a reference of these windows")
         q_top, q_rest = coarsen_(log_probs(model, batch), self.top_index[rows].long())
         kl = coarse_kl(self.top_logp[rows], self.rest_logp[rows], q_top, q_rest)
         return float(kl.sum(dtype=torch.float64)), kl.numel()
@@ -98,4 +116,4 @@ def dense_reference(model, tokens: torch.Tensor, *, batch_size: int = 8, k: int 
             tops.append(top)
             indices.append(index.to(torch.int32))
             rests.append(rest)
-    return DenseReference(torch.cat(tops), torch.cat(indices), torch.cat(rests))
+    return DenseReference(torch.cat(tops), torch.cat(indices), torch.cat(rests), window_digests(tokens))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import time
@@ -49,6 +50,18 @@ def default_store_path(model_fp: str) -> Path:
     return cache_dir() / "evaluations" / f"{model_fp}.sqlite"
 
 
+# Below this much free space a SQLite I/O error is taken for a full disk: a store opened on a disk with no room
+# fails to size its shared-memory file (32 KiB) and SQLite reports a plain "disk I/O error", not SQLITE_FULL.
+NEARLY_FULL_BYTES = 256 << 10
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
 def _store_error(path: Path, exc: Exception) -> LayershapError:
     """A SQLite failure as one line a user can act on."""
     text = str(exc)
@@ -58,7 +71,7 @@ def _store_error(path: Path, exc: Exception) -> LayershapError:
     if "readonly" in text or "read-only" in text or "unable to open" in text:
         return LayershapError(f"cannot write the evaluation store {path} ({text}); make it writable or give "
                               "another --store")
-    if "disk" in text and "full" in text:
+    if ("disk" in text and "full" in text) or ("disk I/O error" in text and _nearly_full(path)):
         return LayershapError(f"the disk holding the evaluation store {path} is full")
     return LayershapError(f"the evaluation store {path} failed ({text})")
 

@@ -74,6 +74,10 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "a
     except (OSError, ValueError) as exc:
         raise LayershapError(_load_failure(name, exc)) from None
     arch = architecture_for_type(getattr(config, "model_type", "unknown"))
+    stored = checkpoint_dtype(config)
+    quantized = _torchao_quantized(config)
+    if quantized and dtype == "auto" and stored is not None:
+        torch_dtype = stored  # torchao's weights dequantize to the dtype they were quantized in
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -81,11 +85,34 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "a
         raise LayershapError(_load_failure(name, exc)) from None
     for key, value in arch.save_config.items():
         setattr(model.config, key, value)
-    setattr(model, CHECKPOINT_DTYPE_ATTR, checkpoint_dtype(config))
+    setattr(model, CHECKPOINT_DTYPE_ATTR, stored)
     model.to(torch_device).eval()
+    if quantized and stored is not None and torch_dtype not in ("auto", stored):
+        _check_quantized_runs(model, name, stored, dtype)
     if name is not None and name.endswith(".gguf"):
         _forget_gguf_origin(model)
     return model, tokenizer
+
+
+def _torchao_quantized(config) -> bool:
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization,
+                                                                                             "quant_method", None)
+    return str(getattr(method, "value", method)) == "torchao"
+
+
+def _check_quantized_runs(model, name, stored: torch.dtype, dtype: str) -> None:
+    """A torchao checkpoint asked for in another dtype than it was quantized in: one short forward pass, since
+    some of torchao's weights (int4) dequantize to their own dtype and fail against other activations."""
+    ids = torch.zeros((1, 2), dtype=torch.long, device=next(model.parameters()).device)
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise LayershapError(f"{name} was quantized with torchao in {str(stored).removeprefix('torch.')} and does "
+                             f"not run in {dtype} ({first}); use --dtype auto or "
+                             f"{str(stored).removeprefix('torch.')}") from None
 
 
 def checkpoint_dtype(config) -> torch.dtype | None:
@@ -150,13 +177,15 @@ def default_model_dir() -> Path:
     gguf = default_gguf_file()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from layershap.models.save import save_pretrained
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         _forget_gguf_origin(model)
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)

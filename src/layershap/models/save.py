@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from layershap.errors import LayershapError
 from layershap.io import read_json, write_json
 from layershap.models.card import write_model_card
 from layershap.models.layers import check_editable
@@ -36,11 +37,11 @@ def save_pruned(model, tokenizer, out_dir, record: dict | None = None, *, keep_c
     remote_code = mark_remote_code(model)
     dtype = saved_dtype(model) if keep_checkpoint_dtype else None
     if dtype is None:
-        model.save_pretrained(out)
+        save_pretrained(model, out)
     else:
         state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
                  for name, tensor in model.state_dict().items()}
-        model.save_pretrained(out, state_dict=state)
+        save_pretrained(model, out, state_dict=state)
         _write_config_dtype(out, dtype)  # save_pretrained writes the dtype of the model in memory
     if remote_code is not None:  # transformers copies a remote-code model's file too; ours is written anyway
         (out / MODELING_FILE).write_text(remote_code)
@@ -50,6 +51,22 @@ def save_pruned(model, tokenizer, out_dir, record: dict | None = None, *, keep_c
         write_json(out / "layershap.json", record)
         write_model_card(out, record)
     return out
+
+
+def save_pretrained(model, out: Path, **kwargs) -> None:
+    """`model.save_pretrained`, with a failure to write the weights as one line: safetensors reports a full
+    disk or any other I/O error as its own `SafetensorError`, not an OSError, which would otherwise end the
+    command in a traceback (and leave a folder with a config and no weights, which the message names)."""
+    try:
+        model.save_pretrained(out, **kwargs)
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        text = str(exc)
+        reason = ("the disk is full" if "No space left" in text or "os error 28" in text
+                  else (text.splitlines() or ["unknown error"])[0])
+        raise LayershapError(f"cannot write the model's weights to {out}: {reason}; what was written there is "
+                             "incomplete: free space (or write elsewhere) and run again") from None
 
 
 def saved_dtype(model) -> torch.dtype | None:

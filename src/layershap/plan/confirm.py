@@ -21,6 +21,7 @@ reference first: one more full pass per round, counted and reserved.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,12 +92,17 @@ def finalists(masks: np.ndarray, nlls: np.ndarray, k: int, protect, base_nll: fl
 
 @dataclass
 class Confirmation:
+    """The plan that won, each round's record, and what the confirmation alone cost (its passes and its
+    seconds), so the screening's own cost can be told apart from the whole run's."""
+
     winner: np.ndarray
     rounds: list[dict]
     cost: Cost = field(default_factory=Cost)
+    seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"chosen": [int(i) for i in np.flatnonzero(~self.winner)], "rounds": self.rounds}
+        return {"chosen": [int(i) for i in np.flatnonzero(~self.winner)], "rounds": self.rounds,
+                "cost": vars(self.cost), "seconds": self.seconds}
 
 
 def successive_halving(model, fresh: TextWindows, candidates: list[np.ndarray], store, *, samples: int,
@@ -106,6 +112,7 @@ def successive_halving(model, fresh: TextWindows, candidates: list[np.ndarray], 
     every fresh window it was measured on."""
     if not candidates:
         raise ValueError("no finalists to confirm")
+    started = time.perf_counter()
     alive = list(range(len(candidates)))
     total = np.zeros(len(candidates))  # NLL summed over windows (mean NLL x windows), per candidate
     windows = np.zeros(len(candidates), dtype=int)
@@ -134,4 +141,4 @@ def successive_halving(model, fresh: TextWindows, candidates: list[np.ndarray], 
         start += size
         r += 1
     best = min(alive, key=lambda i: (total[i] / windows[i] if windows[i] else math.inf, i))
-    return Confirmation(candidates[best], rounds, cost)
+    return Confirmation(candidates[best], rounds, cost, time.perf_counter() - started)

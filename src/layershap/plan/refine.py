@@ -95,7 +95,10 @@ def refine(game: LayerGame, store: EvaluationStore, masks: np.ndarray, nlls: np.
         masks, nlls, evaluated = _polish(game, store, masks, nlls, best, k, protect, base,
                                          left=lambda m: budget - spent(m, share), share=share, plan_share=plan_share)
         evaluations += evaluated
-        spend_rounds(0.0)  # what the polish could not use (nothing left to try near its best) goes to the rounds
+    if polish:
+        # what the polish could not use (nothing left to try near its best, or no measured plan to start
+        # from) goes back to the rounds, so the reserve is never left unspent
+        spend_rounds(0.0)
         best = best_measured(masks, nlls, k, protect, base)
     return Refinement(masks, nlls, best, evaluations, rounds)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from layershap.io import gguf_sidecar, read_json, write_json
+from layershap.io import check_out_is_not_the_model, gguf_sidecar, read_json, write_json
 from layershap.models.save import save_pruned
 from layershap.transform.gguf_export import gguf_source_for, wants_gguf
 
@@ -36,7 +36,8 @@ class Output:
 def output_for(out, out_format: str | None = None, *, model_name: str | None = None, model=None,
                quantize: str | None = None) -> Output:
     """The checked output: a GGUF needs a GGUF source (and refuses --quantize); --quantize needs a model
-    torchao can quantize (`model`, when given)."""
+    torchao can quantize (`model`, when given); an output that is the model being read is refused."""
+    check_out_is_not_the_model(out, model_name)
     writes_gguf = wants_gguf(out, out_format)
     source = gguf_source_for(model_name, quantize) if writes_gguf else None
     if quantize is not None and model is not None:
