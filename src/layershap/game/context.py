@@ -73,11 +73,18 @@ def model_fingerprint(model) -> str:
     1 GB/s per core: docs/benchmarks.md measures it); a tensor shared under two names (tied embeddings) is
     hashed once and named as the same storage the second time.
     """
+    from layershap.models.stream import streamer_of
+
     digest = _config_digest(model)
     body = hashlib.blake2b(digest_size=32)
     seen: dict[tuple, str] = {}
+    streamer = streamer_of(model)
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            source = streamer.source_of(tensor) if streamer is not None else None
+            if source is not None:  # a streamed block's weight: hashed from the checkpoint, as loaded
+                tensor = streamer.read(source)
+            tensor = tensor.detach()
             body.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
             key = (tensor.device.type, tensor.data_ptr(), tensor.numel(), tensor.dtype, tuple(tensor.stride()))
             if tensor.numel() and key in seen:
