@@ -87,6 +87,8 @@ def model_fingerprint(model) -> str:
             tensor = tensor.detach()
             body.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
             key = (tensor.device.type, tensor.data_ptr(), tensor.numel(), tensor.dtype, tuple(tensor.stride()))
+            if source is not None:  # read afresh, freed after hashing: its address says nothing of sharing
+                key = ("checkpoint", source)
             if tensor.numel() and key in seen:
                 body.update(f"=same as {seen[key]}".encode())
                 continue

@@ -26,9 +26,12 @@ SINGLE_FILE = "model.safetensors"
 
 @dataclass(frozen=True)
 class TensorEntry:
+    """file, dtype, shape, and where its bytes start in the file (`offset`, from the file's beginning)."""
+
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0
 
     @property
     def numel(self) -> int:
@@ -76,8 +79,9 @@ def has_safetensors(directory: Path | str) -> bool:
     return (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file()
 
 
-def read_header(path: Path) -> dict:
-    """The JSON header of one safetensors file (tensor name -> dtype, shape, data_offsets)."""
+def read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of one safetensors file (tensor name -> dtype, shape, data_offsets) and where its data
+    region starts."""
     try:
         with open(path, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
@@ -85,7 +89,23 @@ def read_header(path: Path) -> dict:
     except (OSError, struct.error, ValueError) as exc:
         raise LayershapError(f"{path} is not a readable safetensors file ({exc})") from None
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + length
+
+
+def read_tensor(handle, entry: TensorEntry) -> torch.Tensor:
+    """One tensor's bytes read (not mapped) from an open file into fresh memory: a mapped page counts as
+    resident while the file stays open, so reading keeps a streamed run's resident memory to what it holds."""
+    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+    if entry.nbytes:
+        handle.seek(entry.offset)
+        view = memoryview(raw.numpy())
+        done = 0
+        while done < entry.nbytes:
+            got = handle.readinto(view[done:])
+            if not got:
+                raise LayershapError(f"{entry.file} ends before its tensor data does; the file is truncated")
+            done += got
+    return raw.view(entry.dtype).reshape(entry.shape)
 
 
 def checkpoint_index(directory: Path | str) -> CheckpointIndex:
@@ -100,9 +120,11 @@ def checkpoint_index(directory: Path | str) -> CheckpointIndex:
         raise LayershapError(f"{directory} holds no safetensors checkpoint ({SINGLE_FILE} or {INDEX_FILE})")
     tensors = {}
     for file in files:
-        for name, info in read_header(file).items():
+        header, start = read_header(file)
+        for name, info in header.items():
             if info["dtype"] not in SAFETENSORS_DTYPES:
                 raise LayershapError(f"{file}: tensor {name} has dtype {info['dtype']}, which layershap does "
                                      "not stream")
-            tensors[name] = TensorEntry(file, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]))
+            tensors[name] = TensorEntry(file, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]),
+                                        start + info["data_offsets"][0])
     return CheckpointIndex(directory, tensors)

@@ -147,7 +147,7 @@ def plan_memory(*, parameters: int, block_parameters: int, outside_parameters: i
 
 
 def _source(offload: str) -> str:
-    return "host memory" if offload == "cpu" else "the checkpoint on disk (memory-mapped)"
+    return "host memory" if offload == "cpu" else "the checkpoint on disk"
 
 
 def env_bytes(name: str) -> int | None:

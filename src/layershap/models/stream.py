@@ -2,8 +2,9 @@
 
 The model is built as usual, except that every block's parameters are placeholders on the meta device; the
 embeddings, the final norm and the output head (and every buffer) are real. A forward pre-hook on each block
-brings its tensors in just before it runs, read from the memory-mapped safetensors shards
-(`safetensors.safe_open`) and converted to the run's dtype and device, and blocks beyond a small byte budget
+brings its tensors in just before it runs, read from the safetensors shards at the offsets their headers
+give (read, not memory-mapped: a mapped page counts as resident for as long as the file is open, which would
+make a streamed 8B as resident as a loaded one) and converted to the run's dtype and device, and blocks beyond a small byte budget
 are dropped again, oldest first. Because the modules, the hooks' order and the weights are those of the
 in-memory model, every path that runs the model (the game and its prefix sharing, held-out perplexity, the
 one-pass traces of shortgpt and angular) runs unchanged and gives the same numbers bit for bit on a CPU
@@ -26,7 +27,7 @@ import torch
 
 from layershap.errors import LayershapError
 from layershap.models.architectures import architecture_for_type
-from layershap.models.checkpoint import CheckpointIndex, checkpoint_index
+from layershap.models.checkpoint import CheckpointIndex, checkpoint_index, read_tensor
 
 # The attribute a streamed model carries: its `BlockStreamer` (game/context.py fingerprints through it,
 # models/stream_save.py copies tensors by it).
@@ -71,6 +72,7 @@ class BlockStreamer:
     offload: str = "disk"
     blocks: list[_Block] = field(default_factory=list)
     loads: int = 0
+    paused: bool = False
     _resident: OrderedDict = field(default_factory=OrderedDict)
     _handles: dict = field(default_factory=dict)
     host_cache: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -85,10 +87,8 @@ class BlockStreamer:
             raise LayershapError(f"the checkpoint in {self.index.directory} has no tensor {name}")
         handle = self._handles.get(entry.file)
         if handle is None:
-            from safetensors import safe_open
-
-            handle = self._handles[entry.file] = safe_open(str(entry.file), framework="pt", device="cpu")
-        tensor = handle.get_tensor(name)
+            handle = self._handles[entry.file] = open(entry.file, "rb")  # noqa: SIM115 - open for the run
+        tensor = read_tensor(handle, entry)
         if tensor.is_floating_point() and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
         if self.offload == "cpu":
@@ -98,7 +98,10 @@ class BlockStreamer:
         return tensor
 
     def ensure(self, position: int) -> None:
-        """Make block `position` (its index in the checkpoint) resident, evicting the oldest others."""
+        """Make block `position` (its index in the checkpoint) resident, evicting the oldest others (nothing
+        while `paused`: `game/sweep.py` records the blocks' arguments without running them)."""
+        if self.paused:
+            return
         block = self.blocks[position]
         if block.loaded:
             self._resident.move_to_end(position)

@@ -3,7 +3,7 @@
 Every tensor outside the blocks is copied as it is stored; each kept block's tensors are copied under their
 new position (`model.layers.7.` becomes `model.layers.5.` when two earlier blocks went), and the config's
 block count, per-layer lists and boundaries are cut the way `prune_layers` cuts them in memory, as the GGUF
-writer does for a GGUF. Tensors are read one at a time from the memory-mapped shards and written in their
+writer does for a GGUF. Tensors are read one at a time from the shards and written in their
 stored dtype, so a 70B is pruned on a machine that cannot load it; the bytes are the source's, so the result
 equals `save_pretrained` of the model pruned in memory (tests/models/test_stream.py loads both with plain
 transformers and compares logits). A run of zeros is left as a hole in the output (the shaped checkpoints of
@@ -20,7 +20,7 @@ import torch
 
 from layershap.errors import LayershapError
 from layershap.models.architectures import Architecture
-from layershap.models.checkpoint import INDEX_FILE, SINGLE_FILE, checkpoint_index
+from layershap.models.checkpoint import INDEX_FILE, SINGLE_FILE, checkpoint_index, read_tensor
 from layershap.models.shaped import SAFETENSORS_DTYPES
 
 SHARD_BYTES = 5 * 10**9
@@ -72,13 +72,15 @@ def save_streamed(source: Path | str, out: Path | str, kept: list[int], arch: Ar
     out.mkdir(parents=True, exist_ok=True)
     shards = _shards(plan, index, shard_bytes)
     weight_map, total = {}, 0
-    from safetensors import safe_open
-
     handles: dict = {}
-    for number, shard in enumerate(shards, start=1):
-        file = SINGLE_FILE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        total += _write_shard(out / file, shard, index, handles, safe_open)
-        weight_map.update(dict.fromkeys((new for new, _ in shard), file))
+    try:
+        for number, shard in enumerate(shards, start=1):
+            file = SINGLE_FILE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            total += _write_shard(out / file, shard, index, handles)
+            weight_map.update(dict.fromkeys((new for new, _ in shard), file))
+    finally:
+        for handle in handles.values():
+            handle.close()
     if len(shards) > 1:
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
@@ -103,7 +105,7 @@ def _shards(plan, index, shard_bytes):
     return shards
 
 
-def _write_shard(path: Path, shard, index, handles: dict, safe_open) -> int:
+def _write_shard(path: Path, shard, index, handles: dict) -> int:
     """One safetensors file: header first (every size is known), then each tensor's bytes as read."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -121,8 +123,8 @@ def _write_shard(path: Path, shard, index, handles: dict, safe_open) -> int:
             entry = index.tensors[old]
             reader = handles.get(entry.file)
             if reader is None:
-                reader = handles[entry.file] = safe_open(str(entry.file), framework="pt", device="cpu")
-            flat = reader.get_tensor(old).reshape(-1).view(torch.uint8) if entry.numel else torch.empty(0, dtype=torch.uint8)
+                reader = handles[entry.file] = open(entry.file, "rb")  # noqa: SIM115 - closed by the caller
+            flat = read_tensor(reader, entry).reshape(-1).view(torch.uint8)
             for start in range(0, flat.numel(), _CHUNK_BYTES):
                 chunk = flat[start:start + _CHUNK_BYTES]
                 if chunk.any():
