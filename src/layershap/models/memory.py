@@ -21,7 +21,7 @@ OFFLOADS = ("auto", "none", "cpu", "disk")
 HOST_RESERVE_BYTES = 1 << 30
 DEVICE_RESERVE_BYTES = 1 << 30
 # Blocks a streamed model keeps resident (models/stream.py) and so needs room for.
-RESIDENT_BLOCKS = 2
+RESIDENT_BLOCKS = 1
 GB = 1e9
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # as load.py's
 
@@ -135,7 +135,7 @@ def plan_memory(*, parameters: int, block_parameters: int, outside_parameters: i
                              "its blocks, --dtype bfloat16, or a smaller --batch-size")
     if streamed + acts + reserve > free:
         raise LayershapError(f"the model does not fit even streamed: it needs {numbers(streamed)} for its "
-                             "embeddings, head and two blocks; pass --dtype bfloat16 or a smaller --batch-size")
+                             "embeddings, head and one block; pass --dtype bfloat16 or a smaller --batch-size")
     source = "disk"
     if device.type == "cuda" and host is not None and whole + HOST_RESERVE_BYTES <= host:
         source = "cpu"

@@ -32,9 +32,9 @@ from layershap.models.checkpoint import CheckpointIndex, checkpoint_index, read_
 # The attribute a streamed model carries: its `BlockStreamer` (game/context.py fingerprints through it,
 # models/stream_save.py copies tensors by it).
 STREAMER_ATTR = "layershap_streamer"
-# Blocks kept resident by default: the one running and the one before it (a prefix-sharing resume, or
-# the next window batch, often needs it again).
-DEFAULT_RESIDENT_BLOCKS = 2
+# Blocks kept resident by default: the one running. More would not help: a pass over several window batches
+# cycles through every block, and the sweep (game/sweep.py) needs each block once per chunk of masks.
+DEFAULT_RESIDENT_BLOCKS = 1
 
 
 @dataclass
