@@ -35,3 +35,10 @@ def test_a_model_that_does_not_fit_exits_2_with_the_numbers(capsys, tiny_model_d
     monkeypatch.setenv("LAYERSHAP_HOST_BYTES", str(1 << 30))
     code, _, err = run_cli(["ppl", "--model", tiny_model_dir, "--offload", "none"], capsys)
     assert code == 2 and "does not fit" in err and "GB" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_streamed_model_refuses_quantize_and_sublayers_before_any_work(capsys, tmp_path, tiny_model_dir):
+    for extra, words in ((["--quantize", "int8"], "--quantize needs"), (["--granularity", "sublayer"], "sublayer")):
+        code, _, err = run_cli(["prune", "--model", tiny_model_dir, "--ratio", "0.34", "--offload", "disk",
+                                "--out", tmp_path / "x", *extra], capsys)
+        assert code == 2 and words in err and "streamed" in err, err

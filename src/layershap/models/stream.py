@@ -243,3 +243,16 @@ def _module_at(model, dotted: str) -> torch.nn.ModuleList:
     for part in dotted.split("."):
         module = getattr(module, part)
     return module
+
+
+def check_streamed(model, *, granularity: str = "block", quantize: str | None = None) -> None:
+    """Refuse, before any work, what a streamed model cannot do: quantizing (torchao needs the weights) and
+    saving with single sublayers removed (layershap's modeling file is written from the loaded model)."""
+    if streamer_of(model) is None:
+        return
+    if quantize is not None:
+        raise LayershapError("--quantize needs the model loaded whole, and this one is streamed; prune first, "
+                             "then `layershap quantize` the pruned model (smaller), or pass --offload none")
+    if granularity == "sublayer":
+        raise LayershapError("--granularity sublayer needs the model loaded whole, and this one is streamed; "
+                             "pass --offload none (with --dtype bfloat16 if it does not fit)")
