@@ -79,9 +79,8 @@ def per_mask(name: str | None, label: str, *, masks: int, samples: int, seq_len:
 
     import layershap
     from layershap.game.layer_game import LayerGame
-    from layershap.models.layers import num_layers
-
     from layershap.game.sweep import BlockSweep
+    from layershap.models.layers import num_layers
 
     out = {"model": label, "masks": masks, "windows": f"{samples} x {seq_len}", "batch_size": batch_size}
     values = {}
