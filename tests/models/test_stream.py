@@ -137,3 +137,25 @@ def test_streamed_save_loads_with_plain_transformers_and_equals_the_pruned_model
     with torch.inference_mode():
         assert torch.equal(reloaded(input_ids=tokens).logits, in_memory(input_ids=tokens).logits)
     assert (tmp_path / "out" / "layershap.json").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "angular", "loo", "sleb"])
+def test_methods_choose_on_a_streamed_model_what_they_choose_on_the_loaded_one(saved, method):
+    from layershap.data.windows import TextWindows
+    from layershap.plan.methods import METHODS
+
+    path, loaded = saved
+    streamed = load_streamed(path, dtype=torch.float32, device=torch.device("cpu"))
+    tokens = TextWindows(torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(5)), "random",
+                         "calibration", 0)
+    want, got = METHODS[method](loaded, tokens, 2, batch_size=2), METHODS[method](streamed, tokens, 2, batch_size=2)
+    assert got.remove == want.remove and got.scores == want.scores and _timeless(got.details) == _timeless(want.details)
+
+
+def _timeless(value):
+    """A plan's details without its timings."""
+    if isinstance(value, dict):
+        return {key: _timeless(item) for key, item in value.items() if key != "seconds"}
+    if isinstance(value, list):
+        return [_timeless(item) for item in value]
+    return value
