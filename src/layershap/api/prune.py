@@ -24,6 +24,7 @@ from layershap.config import versions, write_run_config
 from layershap.data.windows import TextWindows, text_windows
 from layershap.game.nll import perplexities_of
 from layershap.models.load import model_label
+from layershap.models.stream import check_streamed
 from layershap.plan.choose import PlanRequest, apply_plan, choose_plan, plan_request
 from layershap.plan.methods.base import Plan
 from layershap.transform.write import output_for, write_output
@@ -89,6 +90,7 @@ def prune_model(model, tokenizer, settings: PruneSettings, *, backend=None) -> d
     from layershap.game.backends import use_backend
     from layershap.game.context import model_fingerprint
 
+    check_streamed(model, granularity=settings.granularity, quantize=settings.quantize, repair=settings.repair)
     request = check_plan(model, settings)
     recipe = check_repair(model, settings)
     output = output_for(settings.out, settings.out_format, model_name=settings.model_name, model=model,

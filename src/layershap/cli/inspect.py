@@ -11,7 +11,17 @@ from typing import Annotated
 
 import typer
 
-from layershap.cli.options import BatchSize, Device, Dtype, Model, Samples, Seed, SeqLen, TrustRemoteCode
+from layershap.cli.options import (
+    BatchSize,
+    Device,
+    Dtype,
+    Model,
+    Offload,
+    Samples,
+    Seed,
+    SeqLen,
+    TrustRemoteCode,
+)
 from layershap.cli.options import load_model_from_options as _load
 from layershap.cli.options import names as _names
 from layershap.config import ConfigOption
@@ -23,12 +33,12 @@ def register(app: typer.Typer) -> None:
 
 
 def layers(model: Model = None, dtype: Dtype = "auto", device: Device = "auto",
-           trust_remote_code: TrustRemoteCode = False, config: ConfigOption = None):
+           trust_remote_code: TrustRemoteCode = False, offload: Offload = "auto", config: ConfigOption = None):
     """Show the model's architecture and how many blocks it has."""
     from layershap.models.architectures import architecture_of
     from layershap.models.layers import num_layers
 
-    loaded, _ = _load(model, dtype, device, trust_remote_code)
+    loaded, _ = _load(model, dtype, device, trust_remote_code, offload)
     arch = architecture_of(loaded)
     typer.echo(f"{loaded.config.model_type}: {num_layers(loaded)} blocks at {arch.blocks} ({arch.kind}), "
                f"{sum(p.numel() for p in loaded.parameters()) / 1e6:.1f}M parameters")
@@ -39,14 +49,15 @@ def ppl(model: Model = None, data: Annotated[str, typer.Option(help="Comma-separ
         samples: Samples = 16, seq_len: SeqLen = 256, split: Annotated[str, typer.Option(
             help="Which half of each text: evaluation or calibration.")] = "evaluation",
         seed: Seed = 0, batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
-        trust_remote_code: TrustRemoteCode = False,
+        trust_remote_code: TrustRemoteCode = False, offload: Offload = "auto",
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
         config: ConfigOption = None):
     """Perplexity of a model on one or more texts."""
     from layershap.evaluate.perplexity import perplexities
 
     names = _names(data)
-    loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
+    loaded, tokenizer = _load(model, dtype, device, trust_remote_code, offload, batch_size=batch_size,
+                              seq_len=seq_len)
     result = perplexities(loaded, tokenizer, names, samples=samples, seq_len=seq_len, seed=seed, split=split,
                           batch_size=batch_size)
     if as_json:

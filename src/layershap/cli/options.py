@@ -50,10 +50,20 @@ Store = Annotated[Path | None, typer.Option(help="SQLite evaluation store (defau
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print forward passes and rough time; run nothing.")]
 
 
-def load_model_from_options(model, dtype, device, trust_remote_code):
+Offload = Annotated[str, typer.Option(
+    "--offload", help="Where the weights wait when the model does not fit: auto (load whole when it fits, else "
+                      "stream its blocks from host memory or the checkpoint), none (load whole or stop), cpu "
+                      "(stream from host memory), disk (stream from the memory-mapped safetensors).")]
+
+
+def load_model_from_options(model, dtype, device, trust_remote_code, offload: str = "none", *,
+                            batch_size: int = 8, seq_len: int = 256):
+    """Load as the options say. Commands without --offload pass "none": they check memory and stop with the
+    numbers rather than stream a model their stages cannot (quantize, heal, eval)."""
     from layershap.models.load import load_model
 
-    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, offload=offload,
+                      batch_size=batch_size, seq_len=seq_len)
 
 
 def names(csv: str) -> list[str]:

@@ -25,6 +25,7 @@ from layershap.cli.options import (
     EvalSamples,
     EvalSeqLen,
     Model,
+    Offload,
     Paired,
     Preset,
     RayAddressOption,
@@ -71,7 +72,7 @@ def prune(ctx: typer.Context,
           = None, seed: Seed = 0,
           eval_data: EvalData = "wiki", eval_samples: EvalSamples = 16, eval_seq_len: EvalSeqLen = 256,
           batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
-          trust_remote_code: TrustRemoteCode = False, backend: BackendOption = "local",
+          trust_remote_code: TrustRemoteCode = False, offload: Offload = "auto", backend: BackendOption = "local",
           ray_address: RayAddressOption = None, config: ConfigOption = None,
           quantize: Annotated[str | None, typer.Option(help="Then quantize the pruned model with torchao: int8 or "
                                                             "int4 (see `layershap quantize`).")] = None,
@@ -124,7 +125,8 @@ def prune(ctx: typer.Context,
         check_writable_dir(out)
     with backend_from_options(backend, ray_address, model=model, dtype=dtype, device=device,
                               trust_remote_code=trust_remote_code) as runner:
-        loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
+        loaded, tokenizer = _load(model, dtype, device, trust_remote_code, offload, batch_size=batch_size,
+                                  seq_len=max(seq_len or 128, eval_seq_len))
         k = layers_to_remove(ratio, num_layers(loaded)) if plan is None else None
         settings, window = estimate_settings(preset, budget=budget, sampler=sampler, surrogate=surrogate,
                                               utility=utility, paired=paired, seed=seed, samples=samples,
@@ -178,18 +180,9 @@ def estimate(ctx: typer.Context,
              samples: Annotated[int | None, typer.Option(help="Calibration windows (default 8).")] = None,
              seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per window (default 128).")]
              = None, seed: Seed = 0, batch_size: BatchSize = 8, dtype: Dtype = "auto", device: Device = "auto",
-             trust_remote_code: TrustRemoteCode = False, backend: BackendOption = "local",
-             ray_address: RayAddressOption = None, config: ConfigOption = None,
-             repair: Annotated[str, typer.Option(help="Training-free repair of each removed run, folded into the kept "
-                                                   "weights (same architecture): none, scale (layershap's), "
-                                                   "prunecomp (Prune&Comp), replaceme-lstsq, replaceme-cosine "
-                                                   "(ReplaceMe). See docs/repair.md.")] = "none",
-          repair_samples: Annotated[int, typer.Option(help="Calibration windows the repair is fitted on, apart "
-                                                           "from the ones the blocks were chosen on.")] = 32,
-          repair_choice: Annotated[bool, typer.Option(help="With --repair and the Shapley search: judge the "
-                                                           "search's finalists after their repair and keep the "
-                                                           "best repaired plan.")] = True,
-          granularity: Annotated[str, typer.Option(help="Players: block, or sublayer (attn.i and mlp.i of every "
+             trust_remote_code: TrustRemoteCode = False, offload: Offload = "auto",
+             backend: BackendOption = "local", ray_address: RayAddressOption = None, config: ConfigOption = None,
+             granularity: Annotated[str, typer.Option(help="Players: block, or sublayer (attn.i and mlp.i of every "
                                                            "block, 2n players).")] = "block"):
     """Estimate every layer's Shapley value: sample masks, evaluate them (reusing the store), fit the
     surrogate, and write shapley.json / shapley.csv."""
@@ -205,7 +198,8 @@ def estimate(ctx: typer.Context,
         check_writable_dir(out)
     with backend_from_options(backend, ray_address, model=model, dtype=dtype, device=device,
                               trust_remote_code=trust_remote_code) as runner:
-        loaded, tokenizer = _load(model, dtype, device, trust_remote_code)
+        loaded, tokenizer = _load(model, dtype, device, trust_remote_code, offload, batch_size=batch_size,
+                                  seq_len=seq_len or 128)
         n = num_layers(loaded)
         if granularity == "sublayer":
             from layershap.models.sublayers import check_sublayers

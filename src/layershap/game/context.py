@@ -73,13 +73,22 @@ def model_fingerprint(model) -> str:
     1 GB/s per core: docs/benchmarks.md measures it); a tensor shared under two names (tied embeddings) is
     hashed once and named as the same storage the second time.
     """
+    from layershap.models.stream import streamer_of
+
     digest = _config_digest(model)
     body = hashlib.blake2b(digest_size=32)
     seen: dict[tuple, str] = {}
+    streamer = streamer_of(model)
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            source = streamer.source_of(tensor) if streamer is not None else None
+            if source is not None:  # a streamed block's weight: hashed from the checkpoint, as loaded
+                tensor = streamer.read(source)
+            tensor = tensor.detach()
             body.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
             key = (tensor.device.type, tensor.data_ptr(), tensor.numel(), tensor.dtype, tuple(tensor.stride()))
+            if source is not None:  # read afresh, freed after hashing: its address says nothing of sharing
+                key = ("checkpoint", source)
             if tensor.numel() and key in seen:
                 body.update(f"=same as {seen[key]}".encode())
                 continue
@@ -94,10 +103,14 @@ def model_fingerprint(model) -> str:
 def legacy_model_fingerprint(model) -> str:
     """The fingerprint of layershap before the full-content one (a strided sample of each tensor): only to
     recognise a store written then as this model's (`game/store.py` upgrades it)."""
+    from layershap.models.stream import streamer_of
+
     digest = _config_digest(model)
+    streamer = streamer_of(model)
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            flat = tensor.detach().reshape(-1)
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            source = streamer.source_of(tensor) if streamer is not None else None
+            flat = (streamer.read(source) if source is not None else tensor).detach().reshape(-1)
             step = max(1, flat.numel() // 65536)
             sample = flat[::step].to("cpu", torch.float64).numpy()
             digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())

@@ -22,7 +22,9 @@ from layershap.errors import LayershapError
 from layershap.game.kl import KL_TOP_K, DenseReference, dense_reference
 from layershap.game.nll import BatchLoss, batch_nll, mean_loss
 from layershap.game.prefix import PrefixSharingEvaluator, visiting_order
+from layershap.game.sweep import BlockSweep, supports_sweep
 from layershap.models.layers import num_layers
+from layershap.models.stream import streamer_of
 from layershap.models.sublayers import check_sublayers, keep, sublayer_names
 
 # A broken coalition can give inf/NaN loss; its NLL counts as this many nats above the full model's, so it
@@ -129,6 +131,7 @@ class LayerGame:
         self.reference: DenseReference | None = None
         self._base_nll: float | None = None
         self._prefix: PrefixSharingEvaluator | None = None
+        self._sweep: BlockSweep | None = None
 
     @property
     def loss(self) -> str:
@@ -177,6 +180,9 @@ class LayerGame:
         masks = np.asarray(masks, dtype=bool)
         for mask in masks:
             self._check(mask)
+        if self.granularity == "block" and streamer_of(self.model) is not None and supports_sweep(self.model):
+            yield from self._swept(masks)
+            return
         if self._prefix is None:
             self._prefix = PrefixSharingEvaluator(self.model, self.tokens, batch_size=self.batch_size,
                                                   loss=self.batch_loss())
@@ -185,6 +191,14 @@ class LayerGame:
             value = self._prefix.nll(masks[row])
             self.forward_passes += 1
             yield int(row), value, time.perf_counter() - started
+
+    def _swept(self, masks: np.ndarray) -> Iterator[tuple[int, float, float]]:
+        """A streamed model's masks, block by block (`game/sweep.py`): each block loaded once per chunk."""
+        if self._sweep is None:
+            self._sweep = BlockSweep(self.model, self.tokens, batch_size=self.batch_size, loss=self.batch_loss())
+        for row, value, seconds in self._sweep.measure(masks):
+            self.forward_passes += 1
+            yield row, value, seconds
 
     @property
     def player_names(self) -> list[str]:

@@ -71,7 +71,10 @@ def evaluate_masks(game: LayerGame, store: EvaluationStore, masks: np.ndarray, *
             measured.other_contexts[why] = measured.other_contexts.get(why, 0) + count
     evaluated = 0
     if todo:
+        from layershap.models.stream import streamer_of
+
         backend = active_backend()
+        streamed = streamer_of(game.model) is not None
         # one row per distinct mask, in the order that shares leading blocks
         rows: dict[str, list[int]] = {}
         for i in todo:
@@ -81,7 +84,9 @@ def evaluate_masks(game: LayerGame, store: EvaluationStore, masks: np.ndarray, *
         with progress_bar(len(todo), description) as advance:
             try:
                 while pending:
-                    size = max(MIN_SLICE, math.ceil(len(pending) / 8))
+                    # a streamed model claims every mask at once: its sweep brings each block in once per
+                    # call (game/sweep.py), so slicing would read the weights once per slice
+                    size = len(pending) if streamed else max(MIN_SLICE, math.ceil(len(pending) / 8))
                     claimed = set(store.claim(context, masks[pending], ttl=LEASE_SECONDS, limit=size))
                     mine = [i for i in pending if mask_key(masks[i]) in claimed]
                     for position, nll, seconds in (backend.evaluate(game, masks[mine], context=context,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # The attribute `load_model` leaves on a model: the dtype its checkpoint was stored in, so that a checkpoint
 # loaded in float32 to run on a CPU is saved in its own precision again (`models/save.py`).
 CHECKPOINT_DTYPE_ATTR = "layershap_checkpoint_dtype"
+# The attribute holding the memory check's `MemoryPlan` (None where there was no check: hub ids, GGUF).
+MEMORY_PLAN_ATTR = "layershap_memory_plan"
 
 
 def cache_dir() -> Path:
@@ -52,16 +55,22 @@ def resolve_dtype(dtype: str, device: torch.device):
 
 
 def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "auto",
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, offload: str = "auto", batch_size: int = 8, seq_len: int = 256):
     """Return `(model, tokenizer)` in eval mode on the chosen device.
 
     name: a Hugging Face id, a local directory, a `.gguf` file, or None for the embedded default model.
     trust_remote_code: run code from the model's repository. A directory that layershap saved with single
     sublayers removed is trusted without it when its modeling file is exactly layershap's own
     (`save_sublayers.own_remote_code`), since transformers would otherwise load it wrongly without a word.
+    offload: auto (load whole when the model fits, else stream its blocks: `models/memory.py`), none (load
+    whole or stop), cpu or disk (stream blocks from host memory or from the checkpoint, `models/stream.py`).
+    batch_size, seq_len: the batch the run will use, for the memory check's activations.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from layershap.models.memory import check_offload
+
+    check_offload(offload)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if name is None:
@@ -69,6 +78,9 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "a
     else:
         source, kwargs = _source_and_kwargs(name)
     kwargs["trust_remote_code"] = trust_remote_code or _trusts_own_code(name, source)
+    if offload in ("cpu", "disk") and ("gguf_file" in kwargs or not Path(source).is_dir()):
+        raise LayershapError(f"--offload {offload} streams blocks from a local safetensors checkpoint; download "
+                             f"{name} first (huggingface-cli download) and pass its directory")
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
@@ -76,17 +88,32 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "a
     arch = architecture_for_type(getattr(config, "model_type", "unknown"))
     stored = checkpoint_dtype(config)
     quantized = _torchao_quantized(config)
+    plan = memory_plan(source, config, arch, dtype=dtype, device=torch_device, offload=offload,
+                       batch_size=batch_size, seq_len=seq_len, gguf="gguf_file" in kwargs)
+    if plan is not None and plan.note:
+        print(f"layershap: {plan.note}", file=sys.stderr)
     if quantized and dtype == "auto" and stored is not None:
         torch_dtype = stored  # torchao's weights dequantize to the dtype they were quantized in
+    elif plan is not None and (plan.stream or dtype == "auto" and torch_device.type == "cpu"):
+        torch_dtype = plan.dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        if plan is not None and plan.stream:
+            from layershap.models.stream import load_streamed
+
+            model = load_streamed(source, dtype=plan.dtype, device=torch_device, offload=plan.offload,
+                                  config=config, trust_remote_code=kwargs["trust_remote_code"])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise LayershapError(_load_failure(name, exc)) from None
     for key, value in arch.save_config.items():
         setattr(model.config, key, value)
     setattr(model, CHECKPOINT_DTYPE_ATTR, stored)
-    model.to(torch_device).eval()
+    setattr(model, MEMORY_PLAN_ATTR, plan)
+    if plan is None or not plan.stream:
+        model.to(torch_device)
+    model.eval()
     if quantized and stored is not None and torch_dtype not in ("auto", stored):
         _check_quantized_runs(model, name, stored, dtype)
     if name is not None and name.endswith(".gguf"):
@@ -113,6 +140,34 @@ def _check_quantized_runs(model, name, stored: torch.dtype, dtype: str) -> None:
         raise LayershapError(f"{name} was quantized with torchao in {str(stored).removeprefix('torch.')} and does "
                              f"not run in {dtype} ({first}); use --dtype auto or "
                              f"{str(stored).removeprefix('torch.')}") from None
+
+
+def memory_plan(source: str, config, arch, *, dtype: str, device: torch.device, offload: str, batch_size: int,
+                seq_len: int, gguf: bool = False):
+    """The memory check's decision (`models/memory.py`) for a local safetensors directory; None for a hub id
+    or a GGUF (no headers to read before loading), which load whole as before, and may not be streamed."""
+    from layershap.models.checkpoint import checkpoint_index, has_safetensors
+    from layershap.models.memory import env_bytes, plan_memory
+
+    if gguf or not Path(source).is_dir() or not has_safetensors(source):
+        if offload in ("cpu", "disk"):
+            raise LayershapError(f"--offload {offload} streams blocks from a safetensors checkpoint; {source} "
+                                 "holds none")
+        return None
+    index = checkpoint_index(source)
+    prefix = arch.blocks + "."
+    per_block: dict[str, int] = {}
+    outside = 0
+    for tensor_name, entry in index.tensors.items():
+        if tensor_name.startswith(prefix):
+            position = tensor_name[len(prefix):].split(".", 1)[0]
+            per_block[position] = per_block.get(position, 0) + entry.numel
+        else:
+            outside += entry.numel
+    return plan_memory(parameters=index.parameters, block_parameters=max(per_block.values(), default=0),
+                       outside_parameters=outside, config=config, dtype=dtype, device=device, offload=offload,
+                       batch_size=batch_size, seq_len=seq_len, host_bytes=env_bytes("LAYERSHAP_HOST_BYTES"),
+                       device_bytes=env_bytes("LAYERSHAP_DEVICE_BYTES"))
 
 
 def checkpoint_dtype(config) -> torch.dtype | None:

@@ -13,9 +13,11 @@ import torch
 
 from layershap.errors import LayershapError
 from layershap.io import read_json, write_json
+from layershap.models.architectures import architecture_of
 from layershap.models.card import write_model_card
 from layershap.models.layers import check_editable
 from layershap.models.save_sublayers import MODELING_FILE, mark_remote_code
+from layershap.models.stream import streamer_of
 
 
 def save_pruned(model, tokenizer, out_dir, record: dict | None = None, *, keep_checkpoint_dtype: bool = True) -> Path:
@@ -36,7 +38,9 @@ def save_pruned(model, tokenizer, out_dir, record: dict | None = None, *, keep_c
     out.mkdir(parents=True, exist_ok=True)
     remote_code = mark_remote_code(model)
     dtype = saved_dtype(model) if keep_checkpoint_dtype else None
-    if dtype is None:
+    if streamer_of(model) is not None:  # never held whole: its kept blocks copied from the source shards
+        _save_streamed(model, out, remote_code)
+    elif dtype is None:
         save_pretrained(model, out)
     else:
         state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
@@ -67,6 +71,17 @@ def save_pretrained(model, out: Path, **kwargs) -> None:
                   else (text.splitlines() or ["unknown error"])[0])
         raise LayershapError(f"cannot write the model's weights to {out}: {reason}; what was written there is "
                              "incomplete: free space (or write elsewhere) and run again") from None
+
+
+def _save_streamed(model, out: Path, remote_code) -> None:
+    from layershap.models.layers import block_list
+    from layershap.models.stream_save import save_streamed
+
+    if remote_code is not None:
+        raise LayershapError("a streamed model with single sublayers removed cannot be saved; load it whole "
+                             "(--offload none) to prune it by sublayer")
+    streamer = streamer_of(model)
+    save_streamed(streamer.index.directory, out, streamer.positions_of(block_list(model)), architecture_of(model))
 
 
 def saved_dtype(model) -> torch.dtype | None:
