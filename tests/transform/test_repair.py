@@ -249,3 +249,17 @@ def test_linearpatch_is_measured_with_a_hook_and_never_saved():
     assert not torch.allclose(patched, plain)
     with pytest.raises(LayershapError, match="no weight of the model absorbs"):
         check_repairable(model, "linearpatch")
+
+
+def test_repair_windows_fit_the_text(tiny_tokenizer, sample_text_file):
+    """The repair's windows stay apart from the choice's; a short text gives fewer, and none at all None."""
+    from layershap.data.windows import load_text, text_windows, tokenize, windows_apart
+
+    calibration = text_windows(str(sample_text_file), tiny_tokenizer, samples=2, seq_len=24)
+    apart = windows_apart(str(sample_text_file), tiny_tokenizer, calibration, 10_000)
+    assert 1 <= apart.samples < 10_000
+    taken = {start for _, start in calibration.starts}
+    assert all(abs(start - other) >= 24 for _, start in apart.starts for other in taken)
+    slots = len(tokenize(load_text(str(sample_text_file)), tiny_tokenizer)) // 2 // 24
+    whole = text_windows(str(sample_text_file), tiny_tokenizer, samples=slots, seq_len=24)  # every window
+    assert windows_apart(str(sample_text_file), tiny_tokenizer, whole, 4) is None

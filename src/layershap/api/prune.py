@@ -21,7 +21,7 @@ from pathlib import Path
 from layershap import __version__
 from layershap.api.run import provenance, run_parameters
 from layershap.config import versions, write_run_config
-from layershap.data.windows import TextWindows, text_windows
+from layershap.data.windows import TextWindows, text_windows, windows_apart
 from layershap.game.nll import perplexities_of
 from layershap.models.load import model_label
 from layershap.models.stream import check_streamed
@@ -179,9 +179,8 @@ def prune_windows(tokenizer, settings: PruneSettings, request: PlanRequest, reci
 
         confirmation = confirmation_windows(settings.data, tokenizer, calibration, confirm)
     repair = None
-    if recipe != "none":
-        repair = text_windows(settings.data, tokenizer, samples=settings.repair_samples, seq_len=settings.seq_len,
-                              seed=settings.seed, split="calibration", exclude=calibration)
+    if recipe != "none":  # fewer where the text has no room for them; the choice's own windows where none fits
+        repair = windows_apart(settings.data, tokenizer, calibration, settings.repair_samples) or calibration
     return PruneWindows(calibration, held_out, confirmation, repair)
 
 

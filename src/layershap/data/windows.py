@@ -110,6 +110,18 @@ def text_windows(source: str, tokenizer, *, samples: int = 8, seq_len: int = 128
                        parts=tuple((name, weight, count) for name, weight, count, _ in drawn))
 
 
+def windows_apart(source: str, tokenizer, calibration: TextWindows, samples: int) -> TextWindows | None:
+    """Up to `samples` windows of `calibration`'s text, split, seed and length that overlap none of its
+    windows: as many as the half has room for (halving the request until they fit), None when none fits."""
+    while samples >= 1:
+        try:
+            return text_windows(source, tokenizer, samples=samples, seq_len=calibration.seq_len,
+                                seed=calibration.seed, split=calibration.split, exclude=calibration)
+        except LayershapError:
+            samples //= 2
+    return None
+
+
 def _single_text_windows(source: str, tokenizer, samples: int, seq_len: int, seed: int, split: str,
                          exclude: TextWindows | None) -> TextWindows:
     ids = tokenize(load_text(source), tokenizer)

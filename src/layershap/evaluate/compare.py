@@ -191,8 +191,9 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
                                    split="evaluation") for name in eval_data}
     repair_windows = None
     if repairs:
-        repair_windows = text_windows(data, tokenizer, samples=repair_samples, seq_len=seq_len, seed=seed,
-                                      split="calibration", exclude=calibration)
+        from layershap.data.windows import windows_apart
+
+        repair_windows = windows_apart(data, tokenizer, calibration, repair_samples) or calibration
 
     started = time.perf_counter()
     record = {
