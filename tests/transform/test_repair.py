@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -263,3 +264,49 @@ def test_repair_windows_fit_the_text(tiny_tokenizer, sample_text_file):
     slots = len(tokenize(load_text(str(sample_text_file)), tiny_tokenizer)) // 2 // 24
     whole = text_windows(str(sample_text_file), tiny_tokenizer, samples=slots, seq_len=24)  # every window
     assert windows_apart(str(sample_text_file), tiny_tokenizer, whole, 4) is None
+
+
+@pytest.mark.real_model
+def test_llama_cpp_runs_the_repaired_default_gguf_as_transformers_does(default_model, tmp_path):
+    """The default model without blocks 5 and 12-18, repaired with one scale per cut written into the Q4_1
+    block scales: llama.cpp's perplexity of the file agrees with transformers' on the in-memory repaired model
+    (same chunks), and both are below the unrepaired file's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    import gguf_llama_cpp as llama_cpp
+
+    from layershap.data.windows import text_windows
+    from layershap.models.load import default_gguf_file
+    from layershap.transform.gguf_export import write_pruned_gguf
+    from layershap.transform.gguf_repair import tensor_editor
+
+    binary = llama_cpp.llama_cpp_bin()
+    if binary is None:
+        pytest.skip("llama.cpp's llama-perplexity is not built: run tools/build_llama_cpp.sh (or set "
+                    "LLAMA_CPP_BIN) to run this check")
+    import copy
+
+    dense, tokenizer = default_model
+    model = copy.deepcopy(dense)
+    removed = [5, 12, 13, 14, 15, 16, 17, 18]
+    windows = text_windows("c4", tokenizer, samples=8, seq_len=128, seed=0)
+    repair = fit_repair(model, removed, windows.tokens, "scale")
+    prune_layers(model, removed)
+    fold_repair(model, repair)
+    report = {}
+    out = tmp_path / "repaired.gguf"
+    write_pruned_gguf(default_gguf_file(), out, removed, edit_tensor=tensor_editor(repair, 22, report))
+    plain = tmp_path / "plain.gguf"
+    write_pruned_gguf(default_gguf_file(), plain, removed)
+    assert {entry["how"] for entry in report.values()} == {"block scales"}
+    assert max(entry["max_scale_rounding"] for entry in report.values()) <= 2 ** -11
+    text_file = llama_cpp.write_text(tmp_path / "wiki.txt", 12_000)
+    add_bos = llama_cpp.gguf_adds_bos(default_gguf_file())
+    theirs = llama_cpp.llama_perplexity(out, text_file, ctx=128, chunks=3, threads=1, binary_dir=binary)["ppl"]
+    ours = llama_cpp.chunked_perplexity(model, tokenizer, text_file.read_text(), ctx=128, chunks=3,
+                                        add_bos=add_bos)["ppl"]
+    unrepaired = llama_cpp.llama_perplexity(plain, text_file, ctx=128, chunks=3, threads=1, binary_dir=binary)["ppl"]
+    assert abs(math.log(theirs / ours)) < 0.03, (theirs, ours)
+    assert theirs < unrepaired
