@@ -87,7 +87,8 @@ def prune(ctx: typer.Context,
     from layershap.models.layers import num_layers
     from layershap.plan.methods import get_method
     from layershap.plan.ratio import check_ratio, layers_to_remove
-    from layershap.transform.gguf_export import gguf_source_for, wants_gguf
+    from layershap.transform.gguf_export import wants_gguf
+    from layershap.transform.write import gguf_source
 
     if plan is None and ratio is None:
         raise LayershapError("give --ratio (the fraction of blocks to remove) or --plan (an earlier run's "
@@ -102,7 +103,7 @@ def prune(ctx: typer.Context,
 
         check_scheme(quantize, resolve_device(device))
     if wants_gguf(out, out_format):
-        gguf_source_for(model, quantize)  # refuse before loading and choosing
+        gguf_source(model, quantize, granularity)  # refuse before loading and choosing
         check_writable_dir(out.parent)
     else:
         check_writable_dir(out)

@@ -3,8 +3,8 @@ work (`output_for`), and the writing itself (`write_output`).
 
 Forms: a `save_pretrained` directory (quantized with torchao when `--quantize` ran; a model with single
 sublayers removed carries layershap's modeling file), or a GGUF copied block by block from the GGUF the model
-was loaded from (`gguf_export.py`), its record and config beside it (`pruned.layershap.json`,
-`pruned.config.toml`).
+was loaded from (`gguf_export.py`; single sublayers removed: llama.cpp's deci, `gguf_sublayers.py`), its record
+and config beside it (`pruned.layershap.json`, `pruned.config.toml`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class Output:
     format: str
     gguf_source: Path | None = None
     quantize: str | None = None
+    granularity: str = "block"
 
     @property
     def config_path(self) -> Path:
@@ -34,25 +35,34 @@ class Output:
 
 
 def output_for(out, out_format: str | None = None, *, model_name: str | None = None, model=None,
-               quantize: str | None = None) -> Output:
-    """The checked output: a GGUF needs a GGUF source (and refuses --quantize); --quantize needs a model
-    torchao can quantize (`model`, when given)."""
+               quantize: str | None = None, granularity: str = "block") -> Output:
+    """The checked output: a GGUF needs a GGUF source (and refuses --quantize; a sublayer plan needs one that
+    llama.cpp's deci can hold); --quantize needs a model torchao can quantize (`model`, when given)."""
     writes_gguf = wants_gguf(out, out_format)
-    source = gguf_source_for(model_name, quantize) if writes_gguf else None
+    source = gguf_source(model_name, quantize, granularity) if writes_gguf else None
     if quantize is not None and model is not None:
         from layershap.transform.quantize import check_quantizable
 
         check_quantizable(model, quantize)
-    return Output(Path(out), "gguf" if writes_gguf else "hf", source, quantize)
+    return Output(Path(out), "gguf" if writes_gguf else "hf", source, quantize, granularity)
+
+
+def gguf_source(model_name: str | None, quantize: str | None = None, granularity: str = "block") -> Path:
+    """The GGUF a GGUF output is copied from, checked (`gguf_source_for`); for a sublayer plan also that
+    llama.cpp's deci can hold its blocks."""
+    source = gguf_source_for(model_name, quantize)
+    if granularity == "sublayer":
+        from layershap.transform.gguf_sublayers import check_sublayer_gguf_exportable
+
+        check_sublayer_gguf_exportable(source)
+    return source
 
 
 def write_output(model, tokenizer, record: dict, output: Output) -> dict:
     """Write the model and its record (`layershap.json`, and the model card for a directory); return the
     record as written (a GGUF adds what it copied, a quantized directory its sizes)."""
     if output.format == "gguf":
-        from layershap.transform.gguf_export import write_pruned_gguf
-
-        record["gguf"] = write_pruned_gguf(output.gguf_source, output.path, record["removed"], record)
+        record["gguf"] = _write_gguf(output, record)
         write_json(gguf_sidecar(output.path, "layershap.json"), record)
         return record
     if output.quantize is None:
@@ -62,3 +72,18 @@ def write_output(model, tokenizer, record: dict, output: Output) -> dict:
 
     save_quantized(model, tokenizer, output.path, record)
     return read_json(output.path / "layershap.json")
+
+
+def _write_gguf(output: Output, record: dict) -> dict:
+    """A block plan, or a sublayer plan that removes whole blocks only, keeps the input's architecture
+    (`gguf_export.py`); a plan that removes single sublayers becomes llama.cpp's deci (`gguf_sublayers.py`)."""
+    from layershap.transform.gguf_export import write_pruned_gguf
+
+    if output.granularity != "sublayer":
+        return write_pruned_gguf(output.gguf_source, output.path, record["removed"], record)
+    from layershap.transform.gguf_sublayers import whole_blocks, write_sublayer_gguf
+
+    blocks = whole_blocks(record["removed_sublayers"], record["n_layers"])
+    if blocks is not None:
+        return write_pruned_gguf(output.gguf_source, output.path, blocks, record)
+    return write_sublayer_gguf(output.gguf_source, output.path, record["removed_sublayers"], record)
