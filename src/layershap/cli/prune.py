@@ -59,8 +59,10 @@ def prune(ctx: typer.Context,
                                                            "unless --plan.")] = None,
           plan: Annotated[Path | None, typer.Option(help="layershap.json of an earlier prune (or its directory): "
                                                          "remove its blocks without choosing again.")] = None,
-          out_format: Annotated[str, typer.Option("--format", help="auto (gguf when --out ends in .gguf), hf "
-                                                                   "or gguf.")] = "auto",
+          out_format: Annotated[str, typer.Option("--format", help="auto (gguf when --out ends in .gguf), hf, "
+                                                                   "gguf, or decilm (a sublayer plan of a Llama "
+                                                                   "or Mistral as a Nemotron-NAS directory, "
+                                                                   "which vLLM serves).")] = "auto",
           method: Annotated[str, typer.Option(help="Pruning method (see `layershap methods`).")] = "shapley",
           protect: Annotated[str | None, typer.Option(help="Blocks never removed, e.g. 0,-1.")] = None,
           budget: Budget = None, preset: Preset = "default", sampler: Sampler = None, surrogate: Surrogate = None,
@@ -105,6 +107,11 @@ def prune(ctx: typer.Context,
     if wants_gguf(out, out_format):
         gguf_source(model, quantize, granularity)  # refuse before loading and choosing
         check_writable_dir(out.parent)
+    elif out_format == "decilm":
+        from layershap.transform.write import check_decilm_output
+
+        check_decilm_output(None, quantize, granularity)
+        check_writable_dir(out)
     else:
         check_writable_dir(out)
     with backend_from_options(backend, ray_address, model=model, dtype=dtype, device=device,

@@ -4,7 +4,8 @@ work (`output_for`), and the writing itself (`write_output`).
 Forms: a `save_pretrained` directory (quantized with torchao when `--quantize` ran; a model with single
 sublayers removed carries layershap's modeling file), or a GGUF copied block by block from the GGUF the model
 was loaded from (`gguf_export.py`; single sublayers removed: llama.cpp's deci, `gguf_sublayers.py`), its record
-and config beside it (`pruned.layershap.json`, `pruned.config.toml`).
+and config beside it (`pruned.layershap.json`, `pruned.config.toml`), or for a sublayer plan of a Llama-family
+model a Nemotron-NAS (DeciLM) directory, the layout vLLM serves (`--format decilm`, `models/save_decilm.py`).
 """
 
 from __future__ import annotations
@@ -40,11 +41,28 @@ def output_for(out, out_format: str | None = None, *, model_name: str | None = N
     llama.cpp's deci can hold); --quantize needs a model torchao can quantize (`model`, when given)."""
     writes_gguf = wants_gguf(out, out_format)
     source = gguf_source(model_name, quantize, granularity) if writes_gguf else None
+    if out_format == "decilm":
+        check_decilm_output(model, quantize, granularity)
+        return Output(Path(out), "decilm", None, None, granularity)
     if quantize is not None and model is not None:
         from layershap.transform.quantize import check_quantizable
 
         check_quantizable(model, quantize)
     return Output(Path(out), "gguf" if writes_gguf else "hf", source, quantize, granularity)
+
+
+def check_decilm_output(model, quantize: str | None, granularity: str) -> None:
+    """--format decilm: a sublayer plan of a Llama-family model, unquantized (`models/save_decilm.py`)."""
+    from layershap.errors import LayershapError
+
+    if granularity != "sublayer":
+        raise LayershapError("--format decilm writes sublayer plans; add --granularity sublayer")
+    if quantize is not None:
+        raise LayershapError("--format decilm writes the weights unquantized; drop --quantize")
+    if model is not None:
+        from layershap.models.save_decilm import check_decilm
+
+        check_decilm(model)
 
 
 def gguf_source(model_name: str | None, quantize: str | None = None, granularity: str = "block") -> Path:
@@ -64,6 +82,11 @@ def write_output(model, tokenizer, record: dict, output: Output) -> dict:
     if output.format == "gguf":
         record["gguf"] = _write_gguf(output, record)
         write_json(gguf_sidecar(output.path, "layershap.json"), record)
+        return record
+    if output.format == "decilm":
+        from layershap.models.save_decilm import save_decilm
+
+        save_decilm(model, tokenizer, output.path, record)
         return record
     if output.quantize is None:
         save_pruned(model, tokenizer, output.path, record)
