@@ -279,7 +279,7 @@ def test_llama_cpp_runs_the_deci_file_as_the_skipped_model(default_model, tmp_pa
 
     def complete(path):
         result = subprocess.run([str(binary / "llama-completion"), "-m", str(path), "-p", "The capital of France",
-                                 "-n", "8", "-c", "256", "-t", "1", "--temp", "0", "-no-cnv"],
+                                 "-n", "8", "-c", "256", "-t", "1", "--temp", "0", "-no-cnv", "-v"],
                                 capture_output=True, text=True, timeout=300, check=False)
         assert result.returncode == 0, result.stderr[-2000:]
         return result.stdout, _kv_mib(result.stderr)
