@@ -58,6 +58,9 @@ def plan_request(model, *, method: str, ratio: float | None, protect=(), granula
         check_sublayers(model)
         if plan_file is not None:
             raise LayershapError("--plan takes whole blocks; drop --granularity sublayer")
+        if getattr(settings, "confirm", 0):
+            raise LayershapError("--confirm re-measures the block search's finalists on fresh windows; the sublayer "
+                                 "search has no such step yet: drop --confirm, or use --granularity block")
         check_sublayer_plan_utility(settings)
     n = num_layers(model)
     saved = read_plan(plan_file, model, n, ratio) if plan_file is not None else None
