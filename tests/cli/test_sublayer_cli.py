@@ -51,7 +51,7 @@ def test_prune_sublayers(capsys, tiny_model_dir, long_text_file, tmp_path):
 def test_prune_sublayers_then_quantize(capsys, tiny_model_dir, long_text_file, tmp_path):
     pytest.importorskip("torchao")
     out = tmp_path / "subq"
-    code, stdout, err = run_cli(["prune", "--granularity", "sublayer", "--ratio", "0.25", "--budget", 20,
+    code, stdout, err = run_cli(["prune", "--granularity", "sublayer", "--ratio", "0.25", "--budget", 40,
                                  "--quantize", "int8", *WINDOWS, *_common(tiny_model_dir, long_text_file),
                                  "--out", out], capsys)
     assert code == 0, err

@@ -79,8 +79,9 @@ def prune(ctx: typer.Context,
                                                             "int4 (see `layershap quantize`).")] = None,
           granularity: Annotated[str, typer.Option(help="Players: block (remove whole blocks) or sublayer (attention "
                                                         "and MLP sublayers; --ratio is then a share of the blocks' "
-                                                        "parameters, and the saved model loads with "
-                                                        "trust_remote_code).")] = "block"):
+                                                        "parameters, one --budget is split half to the block plan "
+                                                        "and half to the sublayer game, and the saved model loads "
+                                                        "with trust_remote_code).")] = "block"):
     """Remove round(ratio * n) blocks chosen by a method (or the blocks an earlier run's --plan lists), save
     the model (a directory, or a GGUF holding the kept blocks in their own quantization), and measure
     held-out perplexity before and after."""

@@ -62,6 +62,10 @@ def plan_request(model, *, method: str, ratio: float | None, protect=(), granula
             raise LayershapError("--confirm re-measures the block search's finalists on fresh windows; the sublayer "
                                  "search has no such step yet: drop --confirm, or use --granularity block")
         check_sublayer_plan_utility(settings)
+        if settings is not None and plan_file is None:
+            from layershap.plan.sublayer import split_budget
+
+            split_budget(settings.budget, method)
     n = num_layers(model)
     saved = read_plan(plan_file, model, n, ratio) if plan_file is not None else None
     if saved is not None:
