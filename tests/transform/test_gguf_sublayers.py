@@ -218,7 +218,7 @@ def test_cli_writes_a_sublayer_plan_as_deci(tmp_path, tiny_tokenizer, sample_tex
     assert code == 0, err
     record = json.loads((tmp_path / "run" / "pruned.layershap.json").read_text())
     removed = record["removed_sublayers"]
-    assert record["gguf"]["removed_sublayers"] == removed and f"wrote {out}" in stdout
+    assert record["gguf"]["removed_sublayers"] == removed and f"wrote {out} as llama.cpp's deci" in stdout
     reader = GGUFReader(str(out))
     assert whole_blocks(removed, 6) is None  # this plan drops single sublayers, so the file is deci
     assert value(reader, "general.architecture") == "deci"

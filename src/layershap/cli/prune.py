@@ -143,7 +143,8 @@ def prune(ctx: typer.Context,
         typer.echo(f"note: {note}")
     if "gguf" in record:
         gguf = record["gguf"]
-        typer.echo(f"wrote {out}: {len(gguf['kept'])} blocks, {gguf['tensors']} tensors copied in their own "
+        deci = " as llama.cpp's deci architecture" if gguf.get("architecture") == "deci" else ""
+        typer.echo(f"wrote {out}{deci}: {len(gguf['kept'])} blocks, {gguf['tensors']} tensors copied in their own "
                    f"types ({gguf['bytes'] / 2**20:.1f} MiB); record in {Path(gguf['file']).stem}.layershap.json")
     typer.echo(f"saved to {out} ({record['forward_passes']} calibration forward passes, "
                f"{record['seconds']:.1f} s to choose)")
