@@ -76,7 +76,9 @@ def block_configs(config, removed: list[str], n: int) -> list[dict]:
                      "n_heads_in_group": None if attn_gone and not zero_attention
                      else heads if zero_attention else heads // kv}
         ffn = {"no_op": mlp_gone, "replace_with_linear": False}
-        if not mlp_gone:
+        if mlp_gone:
+            ffn["ffn_mult"] = None  # as NVIDIA's checkpoints write a no-op FFN (llama.cpp's converter reads it)
+        else:
             ffn["intermediate_size"] = config.intermediate_size
             if mult is not None:
                 ffn["ffn_mult"] = mult
