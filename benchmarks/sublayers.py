@@ -6,7 +6,9 @@ Default model (SmolLM2-135M-Instruct); calibration: `--samples` windows of `--se
 calibration half of C4 (as `layershap prune`); evaluation: the evaluation half of every `--eval-data` text.
 Rows:
 
-- `shapley-sublayer`: `plan/sublayer.py` (2n players, parameter ratio) at `--budget`;
+- `shapley-sublayer`: `plan/sublayer.py` (2n players, parameter ratio) at `--budget`, which it splits: half
+  for the block plan that seeds it, half for the sublayer game (`split_budget`; before that split each game
+  spent the whole `--budget`, so rows measured then at B match `--budget 2B` now);
 - `shapley-block`: the block plan it is seeded with, the fewest blocks whose parameters reach the ratio
   (its forward passes are part of the sublayer plan's);
 - `--block-rivals` (default shortgpt): block methods at the same number of blocks;

@@ -51,7 +51,7 @@ def test_prune_sublayers(capsys, tiny_model_dir, long_text_file, tmp_path):
 def test_prune_sublayers_then_quantize(capsys, tiny_model_dir, long_text_file, tmp_path):
     pytest.importorskip("torchao")
     out = tmp_path / "subq"
-    code, stdout, err = run_cli(["prune", "--granularity", "sublayer", "--ratio", "0.25", "--budget", 20,
+    code, stdout, err = run_cli(["prune", "--granularity", "sublayer", "--ratio", "0.25", "--budget", 40,
                                  "--quantize", "int8", *WINDOWS, *_common(tiny_model_dir, long_text_file),
                                  "--out", out], capsys)
     assert code == 0, err
@@ -107,3 +107,11 @@ def test_estimate_sublayers(capsys, tiny_model_dir, long_text_file, tmp_path):
     assert "granularity" in (out / "config.toml").read_text()
     code, stdout, err = run_cli([*args, "--dry-run"], capsys)
     assert code == 0 and f"would run 0 forward passes ({masks} of {masks} masks already stored" in stdout, err
+
+
+def test_confirm_with_sublayers_is_refused_in_one_line(capsys, tiny_model_dir, long_text_file, tmp_path):
+    """--confirm used to be accepted and silently dropped (the record then said no windows were free)."""
+    code, _, err = run_cli(["prune", "--granularity", "sublayer", "--ratio", "0.25", "--confirm", 2, *WINDOWS,
+                            *_common(tiny_model_dir, long_text_file), "--out", tmp_path / "x"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--confirm" in err and "--granularity block" in err, err
+    assert not (tmp_path / "x" / "layershap.json").exists()

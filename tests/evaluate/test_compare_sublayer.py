@@ -24,7 +24,7 @@ def test_compare_sublayer_api(tiny_tokenizer, long_text_file, tmp_path):
     text = str(long_text_file)
     record = compare_methods(model, tiny_tokenizer, methods=["llmdrop", "last", "shapley"], ratios=[0.3],
                              data=text, eval_data=[text], seed=1, batch_size=4, granularity="sublayer",
-                             settings=EstimateSettings(budget=24), store=tmp_path / "s.sqlite", out=tmp_path,
+                             settings=EstimateSettings(budget=40), store=tmp_path / "s.sqlite", out=tmp_path,
                              **WINDOWS)
     assert record["granularity"] == "sublayer"
     rows = {row["method"]: row for row in record["rows"]}

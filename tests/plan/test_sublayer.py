@@ -50,9 +50,12 @@ def test_sublayer_search_spends_the_budget_in_full_size_passes(windows, tmp_path
     from layershap.estimate.budget import mask_share
 
     model = tiny_model("llama")
-    for unit, budget in (("full_passes", 40), ("masks", 40)):
-        settings = EstimateSettings(budget=budget, budget_unit=unit)
+    for unit, total in (("full_passes", 80), ("masks", 80)):
+        settings = EstimateSettings(budget=total, budget_unit=unit)
         plan = select_sublayers("shapley", model, windows, 0.25, settings=settings, store=tmp_path / f"{unit}.sqlite")
+        # one --budget: half for the block plan's game, half for the sublayer game
+        assert plan.details["budget_split"] == {"block_plan": total // 2, "sublayer_game": total - total // 2}
+        budget = plan.details["budget_split"]["sublayer_game"]
         spent = plan.details["sublayer_budget_spent"]
         # the rounds stop once no further plan fits: a plan keeps at least half the model here
         assert budget - mask_share(N, unit)(np.ones(2 * N, dtype=bool)) < spent <= budget + 1e-9
@@ -60,3 +63,14 @@ def test_sublayer_search_spends_the_budget_in_full_size_passes(windows, tmp_path
             assert plan.details["masks_used"] == spent
         else:  # each mask keeps less than the full model, so the budget buys more masks than its size
             assert plan.details["masks_used"] > budget
+
+
+def test_one_budget_is_split_and_refused_when_too_small_for_both_parts():
+    from layershap.errors import LayershapError
+    from layershap.plan.sublayer import split_budget
+
+    assert split_budget(256, "shapley") == (128, 128)
+    assert split_budget(41, "kernelshap") == (20, 21)
+    assert split_budget(20, "shortgpt") == (0, 20)  # a block method that spends no budget leaves it all
+    with pytest.raises(LayershapError, match="give at least 40"):
+        split_budget(39, "shapley")

@@ -94,7 +94,7 @@ def prune_model(model, tokenizer, settings: PruneSettings, *, backend=None) -> d
     request = check_plan(model, settings)
     recipe = check_repair(model, settings)
     output = output_for(settings.out, settings.out_format, model_name=settings.model_name, model=model,
-                        quantize=settings.quantize)
+                        quantize=settings.quantize, granularity=settings.granularity)
     windows = prune_windows(tokenizer, settings, request, recipe)
     before = perplexities_of(model, windows.held_out, batch_size=settings.batch_size)
     model_fp = model_fingerprint(model)  # of the model as given, for the run's provenance
@@ -119,12 +119,9 @@ def prune_model(model, tokenizer, settings: PruneSettings, *, backend=None) -> d
 
 
 def check_plan(model, settings: PruneSettings) -> PlanRequest:
-    from layershap.transform.gguf_export import wants_gguf
-
     return plan_request(model, method=settings.method, ratio=settings.ratio, protect=settings.protect,
                         granularity=settings.granularity, plan_file=settings.plan_file, seed=settings.seed,
-                        batch_size=settings.batch_size, settings=settings.estimate, store=settings.store,
-                        writes_gguf=wants_gguf(settings.out, settings.out_format))
+                        batch_size=settings.batch_size, settings=settings.estimate, store=settings.store)
 
 
 def check_repair(model, settings: PruneSettings) -> str:

@@ -60,8 +60,10 @@ def prune(ctx: typer.Context,
                                                            "unless --plan.")] = None,
           plan: Annotated[Path | None, typer.Option(help="layershap.json of an earlier prune (or its directory): "
                                                          "remove its blocks without choosing again.")] = None,
-          out_format: Annotated[str, typer.Option("--format", help="auto (gguf when --out ends in .gguf), hf "
-                                                                   "or gguf.")] = "auto",
+          out_format: Annotated[str, typer.Option("--format", help="auto (gguf when --out ends in .gguf), hf, "
+                                                                   "gguf, or decilm (a sublayer plan of a Llama "
+                                                                   "or Mistral as a Nemotron-NAS directory, "
+                                                                   "which vLLM serves).")] = "auto",
           method: Annotated[str, typer.Option(help="Pruning method (see `layershap methods`).")] = "shapley",
           protect: Annotated[str | None, typer.Option(help="Blocks never removed, e.g. 0,-1.")] = None,
           budget: Budget = None, preset: Preset = "default", sampler: Sampler = None, surrogate: Surrogate = None,
@@ -87,8 +89,9 @@ def prune(ctx: typer.Context,
                                                            "best repaired plan.")] = True,
           granularity: Annotated[str, typer.Option(help="Players: block (remove whole blocks) or sublayer (attention "
                                                         "and MLP sublayers; --ratio is then a share of the blocks' "
-                                                        "parameters, and the saved model loads with "
-                                                        "trust_remote_code).")] = "block"):
+                                                        "parameters, one --budget is split half to the block plan "
+                                                        "and half to the sublayer game, and the saved model loads "
+                                                        "with trust_remote_code).")] = "block"):
     """Remove round(ratio * n) blocks chosen by a method (or the blocks an earlier run's --plan lists), save
     the model (a directory, or a GGUF holding the kept blocks in their own quantization), and measure
     held-out perplexity before and after."""
@@ -97,7 +100,8 @@ def prune(ctx: typer.Context,
     from layershap.models.layers import num_layers
     from layershap.plan.methods import get_method
     from layershap.plan.ratio import check_ratio, layers_to_remove
-    from layershap.transform.gguf_export import gguf_source_for, wants_gguf
+    from layershap.transform.gguf_export import wants_gguf
+    from layershap.transform.write import gguf_source
 
     if plan is None and ratio is None:
         raise LayershapError("give --ratio (the fraction of blocks to remove) or --plan (an earlier run's "
@@ -119,8 +123,13 @@ def prune(ctx: typer.Context,
         check_scheme(quantize, resolve_device(device))
     check_out_is_not_the_model(out, model)
     if wants_gguf(out, out_format):
-        gguf_source_for(model, quantize)  # refuse before loading and choosing
+        gguf_source(model, quantize, granularity)  # refuse before loading and choosing
         check_writable_dir(out.parent)
+    elif out_format == "decilm":
+        from layershap.transform.write import check_decilm_output
+
+        check_decilm_output(None, quantize, granularity)
+        check_writable_dir(out)
     else:
         check_writable_dir(out)
     with backend_from_options(backend, ray_address, model=model, dtype=dtype, device=device,
@@ -163,7 +172,8 @@ def prune(ctx: typer.Context,
         typer.echo(f"note: {note}")
     if "gguf" in record:
         gguf = record["gguf"]
-        typer.echo(f"wrote {out}: {len(gguf['kept'])} blocks, {gguf['tensors']} tensors copied in their own "
+        deci = " as llama.cpp's deci architecture" if gguf.get("architecture") == "deci" else ""
+        typer.echo(f"wrote {out}{deci}: {len(gguf['kept'])} blocks, {gguf['tensors']} tensors copied in their own "
                    f"types ({gguf['bytes'] / 2**20:.1f} MiB); record in {Path(gguf['file']).stem}.layershap.json")
     typer.echo(f"saved to {out} ({record['forward_passes']} calibration forward passes, "
                f"{record['seconds']:.1f} s to choose)")

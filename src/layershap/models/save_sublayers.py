@@ -23,6 +23,7 @@ from layershap.models.architectures import architecture_of
 from layershap.models.sublayers import REMOVED_KEY
 
 MODELING_FILE = "modeling_layershap.py"
+DECI_FILE = "modeling_layershap_decilm.py"  # the Nemotron-NAS layout of a Llama-family plan (save_decilm.py)
 LAYOUT_KEY = "layershap_sublayers"
 AUTO_CLASS = "AutoModelForCausalLM"
 
@@ -31,6 +32,11 @@ def modeling_source(base: str) -> str:
     """The modeling file this layershap writes for a family whose causal-LM class is `base`."""
     template = (Path(__file__).parent / "remote" / f"{MODELING_FILE}.txt").read_text()
     return template.replace("{base}", base)
+
+
+def decilm_source() -> str:
+    """The config and modeling file of a DeciLM directory this layershap writes."""
+    return (Path(__file__).parent / "remote" / f"{DECI_FILE}.txt").read_text()
 
 
 def mark_remote_code(model) -> str | None:
@@ -60,6 +66,11 @@ def own_remote_code(directory) -> bool | None:
         return None
     target = (config.get("auto_map") or {}).get(AUTO_CLASS) if isinstance(config, dict) else None
     module, _, base = target.partition(".") if isinstance(target, str) else ("", "", "")
+    if module == DECI_FILE[:-3]:
+        try:
+            return (path / DECI_FILE).read_text() == decilm_source()
+        except (OSError, UnicodeDecodeError):
+            return False
     if module != MODELING_FILE[:-3]:
         return None
     if not base.isidentifier():  # the name is written into the file: only a plain class name renders safely

@@ -47,8 +47,7 @@ class PlanRequest:
 
 
 def plan_request(model, *, method: str, ratio: float | None, protect=(), granularity: str = "block",
-                 plan_file=None, seed: int = 0, batch_size: int = 8, settings=None, store=None,
-                 writes_gguf: bool = False) -> PlanRequest:
+                 plan_file=None, seed: int = 0, batch_size: int = 8, settings=None, store=None) -> PlanRequest:
     """The checked request: granularity, the earlier plan (`plan_file`) against this model, and that the
     protected blocks leave enough to choose from."""
     check_granularity(granularity)
@@ -57,9 +56,16 @@ def plan_request(model, *, method: str, ratio: float | None, protect=(), granula
         from layershap.models.sublayers import check_sublayers
 
         check_sublayers(model)
-        if plan_file is not None or writes_gguf:
-            raise LayershapError("--plan and a GGUF --out take whole blocks; drop --granularity sublayer")
+        if plan_file is not None:
+            raise LayershapError("--plan takes whole blocks; drop --granularity sublayer")
+        if getattr(settings, "confirm", 0):
+            raise LayershapError("--confirm re-measures the block search's finalists on fresh windows; the sublayer "
+                                 "search has no such step yet: drop --confirm, or use --granularity block")
         check_sublayer_plan_utility(settings)
+        if settings is not None and plan_file is None:
+            from layershap.plan.sublayer import split_budget
+
+            split_budget(settings.budget, method)
     n = num_layers(model)
     saved = read_plan(plan_file, model, n, ratio) if plan_file is not None else None
     if saved is not None:

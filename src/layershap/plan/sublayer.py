@@ -13,9 +13,12 @@ parameters, so the constraint is on parameters (`removed_parameters >= ratio * b
    attentions first);
 4. the best *measured* feasible plan wins, so it is never worse on calibration than the block plan.
 
-The sublayer game's budget is spent in the unit of `--budget` (`estimate/budget.py`: a mask is charged its
-kept share of a full pass, a sublayer half a block; or 1 per mask with `budget_unit="masks"`), as the block
-search spends it; the block plan spends its own budget in the block game.
+One `--budget` pays for the whole plan (`split_budget`): a block method that spends the budget (`shapley` and
+the shapiq estimators) gets half of it for the block plan, the sublayer game the other half; a block method
+that spends none (shortgpt, last, ...) leaves it all to the sublayer game. The half is not a measured optimum:
+it keeps a run at `--budget 2B` the same as the earlier runs that spent B in each game. The sublayer game's
+share is spent in the unit of `--budget` (`estimate/budget.py`: a mask is charged its kept share of a full
+pass, a sublayer half a block; or 1 per mask with `budget_unit="masks"`), as the block search spends it.
 
 Cost (`Plan.cost`, `plan/cost.py`): the block plan's own cost (its block game's masks, used and paid as that
 method counts them) plus every distinct sublayer mask the search relied on, each one pass of tokens x (kept
@@ -65,6 +68,23 @@ def blocks_for_parameter_ratio(ratio: float, n: int) -> int:
     return max(k, 1)
 
 
+# Block methods that spend `--budget` (the others run a fixed number of passes).
+BUDGETED_BLOCK_METHODS = ("shapley", "kernelshap", "permutation", "stratified", "svarm", "kadd")
+
+
+def split_budget(budget: int, block_method: str) -> tuple[int, int]:
+    """(block plan's budget, sublayer game's budget) out of one `--budget`; refuses, in one line, a budget
+    too small for both parts to reach the surrogate's minimum."""
+    block = budget // 2 if block_method in BUDGETED_BLOCK_METHODS else 0
+    sublayer = budget - block
+    if (block and block < MIN_BUDGET) or sublayer < MIN_BUDGET:
+        need = 2 * MIN_BUDGET if block_method in BUDGETED_BLOCK_METHODS else MIN_BUDGET
+        raise LayershapError(f"--budget {budget} is too small for --granularity sublayer: it is split between the "
+                             f"block plan and the sublayer game, each needing at least {MIN_BUDGET}; give at "
+                             f"least {need}")
+    return block, sublayer
+
+
 def sublayer_mask_of_blocks(n: int, remove) -> np.ndarray:
     mask = np.ones((n, 2), dtype=bool)
     mask[list(remove)] = False
@@ -81,13 +101,15 @@ def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | 
     target = ratio * block_parameters(model)
     allowed = np.array([j for j in range(2 * n) if j // 2 not in set(protect)])
     k_block = blocks_for_parameter_ratio(ratio, n)
+    block_budget, budget = split_budget(settings.budget, block_method)
     block = select_layers(block_method, model, windows, k_block, protect=protect, seed=seed, batch_size=batch_size,
-                          store=store, settings=replace(settings, target_removed=k_block))
+                          store=store, settings=replace(settings, target_removed=k_block,
+                                                        budget=block_budget or settings.budget))
     block_mask = sublayer_mask_of_blocks(n, block.remove)
     game = LayerGame(model, windows, utility=settings.utility, batch_size=batch_size, granularity="sublayer")
     with open_store(model, store) as db:
         stored = set(db.all_nlls(measurement_context(game)))
-        first = estimate(game, db, replace(settings, budget=max(MIN_BUDGET, settings.budget // 2),
+        first = estimate(game, db, replace(settings, budget=max(MIN_BUDGET, budget // 2),
                                            target_removed=2 * k_block))
         masks, nlls = first.masks, first.nlls
         base = float(first.base_nll)
@@ -96,10 +118,10 @@ def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | 
         (seed_nlls, evaluated, _) = evaluate_masks(game, db, np.array(starts), description="measuring start plans")
         masks, nlls = np.concatenate([masks, starts]), np.concatenate([nlls, seed_nlls])
         evaluations += evaluated
-        per_round = max(4, settings.budget // 16)
+        per_round = max(4, budget // 16)
         share = mask_share(n, settings.budget_unit)
         rounds = 0
-        while (left := settings.budget - spent(_distinct(masks), share)) > SPENT_TOLERANCE:
+        while (left := budget - spent(_distinct(masks), share)) > SPENT_TOLERANCE:
             utilities = np.array([game.utility(v, base) for v in nlls])
             surrogate = make_surrogate(settings.surrogate, 2 * n, settings.seed).fit(masks, utilities)
             best = best_feasible(masks, nlls, params, target, base)
@@ -139,6 +161,7 @@ def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | 
                        "masks_used": block.details.get("estimate", {}).get("masks", block.forward_passes)},
         "masks_used": len(distinct),
         "sublayer_masks_paid": evaluations,
+        "budget_split": {"block_plan": block_budget, "sublayer_game": budget},
         "sublayer_budget_spent": spent(distinct, share),
         "measured_calibration_ppl": _ppl(nll_of[best.tobytes()]),
         "dense_calibration_ppl": _ppl(base),

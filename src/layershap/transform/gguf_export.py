@@ -290,8 +290,8 @@ def _first_line(exc: BaseException) -> str:
 
 def wants_gguf(out, out_format: str | None) -> bool:
     """Whether `prune` writes a GGUF file: --format gguf, or no --format and an --out ending in .gguf."""
-    if out_format not in (None, "auto", "hf", "gguf"):
-        raise LayershapError(f"unknown --format {out_format!r}; use hf or gguf")
+    if out_format not in (None, "auto", "hf", "gguf", "decilm"):
+        raise LayershapError(f"unknown --format {out_format!r}; use hf, gguf or decilm")
     return out_format == "gguf" or (out_format in (None, "auto") and str(out).lower().endswith(".gguf"))
 
 
