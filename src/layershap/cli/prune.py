@@ -173,8 +173,11 @@ def prune(ctx: typer.Context,
     if "gguf" in record:
         gguf = record["gguf"]
         deci = " as llama.cpp's deci architecture" if gguf.get("architecture") == "deci" else ""
+        edited = gguf.get("repaired_tensors", {})
         typer.echo(f"wrote {out}{deci}: {len(gguf['kept'])} blocks, {gguf['tensors']} tensors copied in their own "
-                   f"types ({gguf['bytes'] / 2**20:.1f} MiB); record in {Path(gguf['file']).stem}.layershap.json")
+                   f"types ({gguf['bytes'] / 2**20:.1f} MiB"
+                   + (f"; {len(edited)} of them rescaled or requantized by the repair" if edited else "")
+                   + f"); record in {Path(gguf['file']).stem}.layershap.json")
     typer.echo(f"saved to {out} ({record['forward_passes']} calibration forward passes, "
                f"{record['seconds']:.1f} s to choose)")
 

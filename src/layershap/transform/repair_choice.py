@@ -41,16 +41,20 @@ def choose_for_repair(model, plan: Plan, calibration, recipe: str, *, batch_size
     cost = Cost()
     ends = {cut.end for removal in candidates for cut in removed_runs(removal, n)}
     targets = dense_targets(model, ends, tokens, batch_size, cost)
+    screened = _screened(plan)
     rows = []
     for removal in candidates:
         kept = n - len(removal)
-        with keep_only(model, [i for i in range(n) if i not in set(removal)]):
-            before = mean_nll(model, tokens, batch_size=batch_size)
+        before = screened.get(tuple(removal))
+        if before is None:  # not measured by the search on these windows (or no search): measure it
+            with keep_only(model, [i for i in range(n) if i not in set(removal)]):
+                before = mean_nll(model, tokens, batch_size=batch_size)
+            cost.add(int(tokens.numel()), kept + 1)
         repair = fit_repair(model, removal, tokens, recipe, batch_size=batch_size, targets=targets)
         with repaired(model, removal, repair):
             after = mean_nll(model, tokens, batch_size=batch_size)
         cost.include(repair.cost)
-        cost.add(int(tokens.numel()), kept + 1, passes=2)
+        cost.add(int(tokens.numel()), kept + 1)
         rows.append({"remove": removal, "nll": before, "repaired_nll": after})
     best = min(range(len(rows)), key=lambda i: (rows[i]["repaired_nll"], i))
     chosen = rows[best]["remove"]
@@ -65,6 +69,15 @@ def choose_for_repair(model, plan: Plan, calibration, recipe: str, *, batch_size
     return replace(plan, remove=[int(i) for i in chosen], forward_passes=total.passes, cost=total,
                    seconds=plan.seconds + (time.perf_counter() - started),
                    details={**plan.details, "repair_choice": report})
+
+
+def _screened(plan: Plan) -> dict[tuple, float]:
+    """The search's NLLs of its finalists on the calibration windows (`finalist_nlls`), by removal; only
+    where the plan's loss is the NLL (a KL-utility search measured KLs)."""
+    if plan.details.get("loss", "nll") not in ("nll", None):
+        return {}
+    nlls = plan.details.get("finalist_nlls") or []
+    return {tuple(sorted(r)): float(v) for r, v in zip(plan.details.get("finalists", []), nlls) if v is not None}
 
 
 def _candidates(plan: Plan) -> list[list[int]]:
