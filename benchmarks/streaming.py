@@ -121,7 +121,8 @@ def main() -> None:
         result["per_mask"] = [
             per_mask(None, "SmolLM2-135M (embedded default)", masks=args.masks, samples=8, seq_len=128,
                      batch_size=8),
-            per_mask(str(one_b), "Llama-3.2-1B shape", masks=args.masks, samples=1, seq_len=64, batch_size=1),
+            per_mask(str(one_b), "Llama-3.2-1B shape", masks=max(4, args.masks // 2), samples=1, seq_len=64,
+                     batch_size=1),
         ]
         Path(args.out).write_text(json.dumps(result, indent=2))
     if "8b" in parts:

@@ -53,7 +53,7 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Print forward passes an
 Offload = Annotated[str, typer.Option(
     "--offload", help="Where the weights wait when the model does not fit: auto (load whole when it fits, else "
                       "stream its blocks from host memory or the checkpoint), none (load whole or stop), cpu "
-                      "(stream from host memory), disk (stream from the memory-mapped safetensors).")]
+                      "(stream from host memory), disk (stream from the safetensors checkpoint, read block by block).")]
 
 
 def load_model_from_options(model, dtype, device, trust_remote_code, offload: str = "none", *,
