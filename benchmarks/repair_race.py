@@ -40,7 +40,6 @@ from layershap.data.windows import PACKAGED_TEXTS, text_windows
 from layershap.estimate.pipeline import EstimateSettings
 from layershap.game.context import model_fingerprint
 from layershap.game.nll import perplexity
-from layershap.game.store import open_store
 from layershap.io import write_json
 from layershap.plan.methods import select_layers
 from layershap.transform.repair import REPAIRS, fit_repair, repaired
@@ -114,6 +113,8 @@ def main(argv=None) -> None:
     parser.add_argument("--heal", default="", help="cells k:draw that also get +heal rows (LoRA, default steps)")
     parser.add_argument("--heal-recipe", default="scale")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="other runs' JSON whose rows join this one (parts run side by side)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -134,6 +135,9 @@ def main(argv=None) -> None:
     if args.json.is_file():
         previous = json.loads(args.json.read_text())
         done = {row["key"]: row for row in previous.get("rows", []) if "key" in row}
+    for part in args.merge:
+        rows = json.loads(part.read_text()).get("rows", [])
+        done.update({row["key"]: row for row in rows if "key" in row})
     result = {"arguments": {k: str(v) for k, v in vars(args).items()}, "context": context, "genres": genres,
               "dense": held_out(model, windows), "rows": list(done.values())}
     reused = 0
@@ -211,9 +215,8 @@ def main(argv=None) -> None:
                     CACHE.mkdir(exist_ok=True)
                     settings = EstimateSettings(target_removed=k, seed=draw)
                     started = time.perf_counter()
-                    with open_store(model, str(store)) as db:
-                        plan = select_layers("shapley", model, calibration, k, seed=draw, settings=settings,
-                                             store=db)
+                    plan = select_layers("shapley", model, calibration, k, seed=draw, settings=settings,
+                                         store=str(store))
                     plan.seconds = time.perf_counter() - started
                     chosen = choose_for_repair(model, plan, calibration, recipe)
                     report = chosen.details.get("repair_choice", {})

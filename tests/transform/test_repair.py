@@ -172,27 +172,46 @@ def _small(text):
 
 
 def test_prune_repairs_and_none_is_the_unrepaired_model(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    """No --repair means auto, which is scale on a llama; --repair none writes exactly the kept blocks."""
     from conftest import run_cli
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     runs = {}
-    for name, extra in (("plain", []), ("none", ["--repair", "none"]),
+    for name, extra in (("auto", ["--repair-samples", "4"]), ("none", ["--repair", "none"]),
                         ("scale", ["--repair", "scale", "--repair-samples", "4"])):
         code, out, err = run_cli(["prune", "--model", tiny_model_dir, "--out", tmp_path / name,
                                   *_small(sample_text_file), *extra], capsys)
         assert code == 0, err
         runs[name] = json.loads((tmp_path / name / "layershap.json").read_text())
-    plain, none = (load_file(tmp_path / n / "model.safetensors") for n in ("plain", "none"))
-    assert all(torch.equal(plain[k], none[k]) for k in plain) and "repair" not in runs["none"]
+        if name == "scale":
+            assert "repaired (scale)" in out
+    auto, none, scale = (load_file(tmp_path / n / "model.safetensors") for n in ("auto", "none", "scale"))
+    assert all(torch.equal(auto[k], scale[k]) for k in scale) and "repair" not in runs["none"]
+    pruned = prune_layers(AutoModelForCausalLM.from_pretrained(tiny_model_dir), runs["none"]["removed"])
+    assert sorted(none) == sorted(pruned.state_dict())
+    assert all(torch.equal(none[k], v) for k, v in pruned.state_dict().items())
     record = runs["scale"]
-    assert record["removed"] == runs["plain"]["removed"] and record["repair"]["recipe"] == "scale"
+    assert record["removed"] == runs["none"]["removed"] and record["repair"]["recipe"] == "scale"
     assert record["repair"]["calibration"]["samples"] == 4 and record["repair"]["touched"]
-    assert "repaired (scale)" in out
     scaled = record["ppl_after"][str(sample_text_file)]
-    assert scaled != runs["plain"]["ppl_after"][str(sample_text_file)]
+    assert scaled != runs["none"]["ppl_after"][str(sample_text_file)]
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "scale")
     assert loaded.config.num_hidden_layers == 4
+
+
+def test_auto_repair_is_none_where_no_repair_folds(tmp_path, sample_text_file, tiny_tokenizer, capsys):
+    from conftest import run_cli
+
+    path = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    code, out, err = run_cli(["prune", "--model", path, "--out", tmp_path / "out", *_small(sample_text_file)],
+                             capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "layershap.json").read_text())
+    assert record["repair"] == {"recipe": "none", "note": "no repair: it cannot be folded exactly into a gpt2 model"}
+    assert "no repair" in out
 
 
 def test_prune_refuses_a_repair_it_cannot_fold(tiny_model_dir, sample_text_file, tmp_path, capsys):

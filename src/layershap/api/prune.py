@@ -39,7 +39,8 @@ class PruneSettings:
     out, out_format: a directory, or a .gguf file (`out_format` "gguf", or None/"auto" and a .gguf name).
     estimate: the Shapley method's `EstimateSettings` (budget, sampler, ... and `confirm`); store: its
         evaluation store.
-    repair, repair_samples: the recipe (`transform/repair.py`) and how many calibration windows it is fitted
+    repair, repair_samples: the recipe (`transform/repair.py`; auto: the default recipe where it folds
+        exactly, none elsewhere) and how many calibration windows it is fitted
         on, drawn from the calibration text apart from the windows the choice used; repair_choice: judge the
         search's finalists after the repair and keep the best repaired one.
     config: the options as the CLI resolved them, written with provenance to config.toml.
@@ -62,7 +63,7 @@ class PruneSettings:
     plan_file: Path | None = None
     out_format: str | None = None
     quantize: str | None = None
-    repair: str = "none"
+    repair: str = "auto"
     repair_samples: int = 32
     repair_choice: bool = True
     estimate: object = None
@@ -90,9 +91,9 @@ def prune_model(model, tokenizer, settings: PruneSettings, *, backend=None) -> d
     from layershap.game.backends import use_backend
     from layershap.game.context import model_fingerprint
 
-    check_streamed(model, granularity=settings.granularity, quantize=settings.quantize, repair=settings.repair)
+    recipe, repair_note = check_repair(model, settings)
+    check_streamed(model, granularity=settings.granularity, quantize=settings.quantize, repair=recipe)
     request = check_plan(model, settings)
-    recipe = check_repair(model, settings)
     output = output_for(settings.out, settings.out_format, model_name=settings.model_name, model=model,
                         quantize=settings.quantize, granularity=settings.granularity)
     windows = prune_windows(tokenizer, settings, request, recipe)
@@ -110,6 +111,8 @@ def prune_model(model, tokenizer, settings: PruneSettings, *, backend=None) -> d
     record = prune_record(model, settings, request, plan, windows, before, after, model_fp)
     if repair is not None:
         record["repair"] = repair.describe()
+    elif repair_note is not None:
+        record["repair"] = {"recipe": "none", "note": repair_note}
     if settings.quantize is not None:
         record["quantization"] = quantize_measured(model, settings.quantize, windows, settings.batch_size)
     record = write_output(model, tokenizer, record, output, repair)
@@ -124,12 +127,16 @@ def check_plan(model, settings: PruneSettings) -> PlanRequest:
                         batch_size=settings.batch_size, settings=settings.estimate, store=settings.store)
 
 
-def check_repair(model, settings: PruneSettings) -> str:
-    """The repair recipe's name, refused in one line where it cannot be folded into this model (every recipe
-    can also be written into a GGUF: `transform/gguf_repair.py`)."""
-    from layershap.transform.repair import check_repairable
+def check_repair(model, settings: PruneSettings) -> tuple[str, str | None]:
+    """The repair recipe's name (`auto` resolved, with why it means none where it does), refused in one line
+    where it cannot be folded into this model (every recipe can also be written into a GGUF:
+    `transform/gguf_repair.py`)."""
+    from layershap.models.stream import streamer_of
+    from layershap.transform.repair import check_repairable, resolve_repair
 
-    return check_repairable(model, settings.repair, settings.granularity).name
+    name, note = resolve_repair(model, settings.repair, settings.granularity,
+                                streamed=streamer_of(model) is not None)
+    return check_repairable(model, name, settings.granularity).name, note
 
 
 def rejudge_for_repair(model, plan: Plan, calibration: TextWindows, recipe: str, settings: PruneSettings) -> Plan:

@@ -79,9 +79,10 @@ def prune(ctx: typer.Context,
           quantize: Annotated[str | None, typer.Option(help="Then quantize the pruned model with torchao: int8 or "
                                                             "int4 (see `layershap quantize`).")] = None,
           repair: Annotated[str, typer.Option(help="Training-free repair of each removed run, folded into the kept "
-                                                   "weights (same architecture): none, scale (layershap's), "
+                                                   "weights (same architecture): auto (scale where it folds "
+                                                   "exactly, none elsewhere), none, scale (layershap's), "
                                                    "prunecomp (Prune&Comp), replaceme-lstsq, replaceme-cosine "
-                                                   "(ReplaceMe). See docs/repair.md.")] = "none",
+                                                   "(ReplaceMe). See docs/repair.md.")] = "auto",
           repair_samples: Annotated[int, typer.Option(help="Calibration windows the repair is fitted on, apart "
                                                            "from the ones the blocks were chosen on.")] = 32,
           repair_choice: Annotated[bool, typer.Option(help="With --repair and the Shapley search: judge the "
@@ -110,7 +111,7 @@ def prune(ctx: typer.Context,
         check_ratio(ratio)
     get_method(method)
     check_granularity(granularity)
-    if repair != "none":
+    if repair not in ("none", "auto"):
         from layershap.transform.repair import recipe_for
 
         recipe_for(repair)
@@ -155,13 +156,15 @@ def prune(ctx: typer.Context,
     else:
         typer.echo(f"removed {len(record['removed'])} of {record['n_layers']} blocks: {record['removed']}"
                    + (f" (plan from {plan})" if plan is not None else ""))
-    if "repair" in record:
+    if record.get("repair", {}).get("note"):
+        typer.echo(record["repair"]["note"])
+    elif "repair" in record:
         cuts = record["repair"]["cuts"]
         typer.echo(f"repaired ({record['repair']['recipe']}): " + "; ".join(
             f"blocks {c['removed'][0]}-{c['removed'][1]} " + (f"x{c['scale']:.3f}" if "scale" in c else c["kind"])
             for c in cuts) + f" ({record['repair']['seconds']:.1f} s)")
     choice = (record.get("plan") or {}).get("repair_choice")
-    if choice:
+    if choice and "finalists" in choice:
         typer.echo(f"judged {len(choice['finalists'])} finalists after repair: "
                    + ("chose another plan than before repair" if choice["changed"] else "the same plan won"))
     for name in record["ppl_before"]:

@@ -243,10 +243,29 @@ def repair_names() -> list[str]:
 
 
 def recipe_for(name: str) -> Recipe:
+    if name == "auto":
+        return REPAIRS[DEFAULT_REPAIR]
     try:
         return REPAIRS[name]
     except KeyError:
-        raise LayershapError(f"unknown --repair {name!r}; choose one of {', '.join(REPAIRS)}") from None
+        raise LayershapError(f"unknown --repair {name!r}; choose auto or one of {', '.join(REPAIRS)}") from None
+
+
+DEFAULT_REPAIR = "scale"  # what the repair race supports (docs/benchmarks.md, "The repair race")
+
+
+def resolve_repair(model, name: str, granularity: str = "block", *, streamed: bool = False) -> tuple[str, str | None]:
+    """`auto` (prune's default): the default recipe where it folds exactly into this model, else none, with
+    the reason; any other name as given."""
+    if name != "auto":
+        return name, None
+    if granularity != "block":
+        return "none", "no repair: sublayer plans are not repaired"
+    if streamed:
+        return "none", "no repair: a streamed model's kept blocks are copied from its shards unchanged"
+    if model.config.model_type not in WRITERS:
+        return "none", f"no repair: it cannot be folded exactly into a {model.config.model_type} model"
+    return DEFAULT_REPAIR, None
 
 
 def check_repairable(model, name: str, granularity: str = "block") -> Recipe:

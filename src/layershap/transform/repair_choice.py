@@ -35,6 +35,9 @@ def choose_for_repair(model, plan: Plan, calibration, recipe: str, *, batch_size
     candidates = _candidates(plan)
     if recipe_for(recipe).kind == "none" or len(candidates) < 2:
         return plan
+    if "chosen" in plan.details.get("confirmation", {}):  # --confirm already judged them, on fresh windows
+        return replace(plan, details={**plan.details, "repair_choice": {
+            "skipped": "the plan was confirmed on fresh windows (--confirm); it is kept as confirmed"}})
     started = time.perf_counter()
     tokens = calibration.tokens
     n = num_layers(model)

@@ -109,8 +109,8 @@ def shapley(model, windows, k: int, *, protect=(), seed: int = 0, batch_size: in
     }
     if candidates:
         details["finalists"] = [[int(i) for i in np.flatnonzero(~c)] for c in candidates]
-        screened = {m.tobytes(): float(v) for m, v in zip(refined.masks, refined.nlls)}
-        details["finalist_nlls"] = [screened.get(c.tobytes()) for c in candidates]  # on the calibration windows
+        measured_nlls = {m.tobytes(): float(v) for m, v in zip(refined.masks, refined.nlls)}
+        details["finalist_nlls"] = [measured_nlls.get(c.tobytes()) for c in candidates]  # calibration windows
     if reference:  # the game's loss is a KL: no perplexity of it; the perplexities from plain NLL passes
         details.update({"loss": game.loss_name, "predicted_calibration_kl": predicted_nll,
                         "measured_calibration_kl": measured_nll, "measured_calibration_ppl": _ppl(plan_nll),
