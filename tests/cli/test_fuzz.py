@@ -97,8 +97,9 @@ def invocations(draw, model_dir, workdir):
     return argv
 
 
-def test_the_command_line_never_ends_in_a_traceback(tmp_path_factory, tiny_model_dir):
+def test_the_command_line_never_ends_in_a_traceback(tmp_path_factory, tiny_model_dir, monkeypatch):
     workdir = tmp_path_factory.mktemp("fuzz")
+    monkeypatch.chdir(workdir)  # a drawn `--out ""` writes into the working directory: not the checkout's
     import torch
 
     torch.set_num_threads(1)
@@ -162,13 +163,15 @@ def heavier_invocations(draw, options):
     return argv
 
 
-def test_the_heavier_commands_never_end_in_a_traceback(tmp_path_factory, tiny_model_dir, sample_text_file):
+def test_the_heavier_commands_never_end_in_a_traceback(tmp_path_factory, tiny_model_dir, sample_text_file,
+                                                      monkeypatch):
     """On a copy of the tiny model: a drawn `--out` may overwrite it (quantize --out MODEL), and the later
     examples then run on what was written there, as a user's next command would."""
     import shutil
 
     workdir = tmp_path_factory.mktemp("fuzz-heavier")
     model_dir = shutil.copytree(tiny_model_dir, workdir / "model")
+    monkeypatch.chdir(workdir)  # `--out ""` is the working directory: a model and its card (README.md) land there
 
     @settings(max_examples=max(1, EXAMPLES // 3), deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
@@ -210,7 +213,8 @@ def _heavier_cases(model, text, out):
 
 
 def test_the_heavier_commands_run_cheaply_and_refuse_bad_values_in_one_line(tmp_path, tiny_model_dir,
-                                                                             sample_text_file):
+                                                                             sample_text_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     for argv, expected in _heavier_cases(str(tiny_model_dir), str(sample_text_file), str(tmp_path)):
         assert _check(argv) == expected, argv
 
