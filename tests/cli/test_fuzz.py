@@ -202,6 +202,8 @@ def _heavier_cases(model, text, out):
         ([*quantize, "--scheme", "int8", "--out", f"{out}/int8"], 0),
         ([*quantize, "--scheme", "int3", "--out", f"{out}/int3"], 2),
         ([*quantize, "--scheme", "int8", "--out", "/dev/null/x"], 2),
+        ([*quantize, "--scheme", "int8", "--batch-size", "0", "--out", f"{out}/int8-b0"], 2),
+        ([*compare, "--ratios", "0.34", "--methods", "last", "--batch-size", "0", "--out", f"{out}/compare"], 2),
         (["eval", "--model", model, "--tasks", "piqa", "--limit", "1"], 0),
         (["eval", "--model", model, "--tasks", "nope", "--limit", "1"], 2),
         (["eval", "--model", model, "--tasks", "piqa", "--limit", "-1"], 2),
@@ -240,3 +242,15 @@ def test_out_cannot_be_the_model_being_read(command, tmp_path, tiny_model_dir, s
         (line,) = error_lines(err)
         assert "is the model being read" in line
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+@pytest.mark.parametrize("batch_size", ["0", "-1"])
+def test_a_batch_size_below_one_is_one_line(batch_size, tmp_path, tiny_model_dir, sample_text_file):
+    """--batch-size 0 ended ppl, estimate, prune, compare and quantize in a traceback (range() step 0, or a
+    division by zero); found by the fuzz."""
+    windows = ["--data", sample_text_file, "--samples", "1", "--seq-len", "8"]
+    for argv in (["ppl", *windows], ["estimate", *windows, "--out", tmp_path / "e"],
+                 ["prune", *windows, "--ratio", "0.34", "--method", "last", "--out", tmp_path / "p"]):
+        code, err = _run([*argv, "--model", tiny_model_dir, "--batch-size", batch_size])
+        expected = f"layershap: error: Invalid value for '--batch-size': must be at least 1; got {batch_size}"
+        assert code == 2 and error_lines(err) == [expected], (argv, err)
