@@ -141,7 +141,8 @@ def run_cli(args, capsys):
 
 
 def error_lines(err: str) -> list[str]:
-    """stderr's lines but progress bars (layershap's, and lm-eval's tqdm, which an error can interrupt
-    mid-line: the error then starts where the bar stopped)."""
-    lines = [line[line.index("layershap: "):] if "layershap: " in line else line for line in err.splitlines()]
+    """stderr's lines (split at newlines only: `str.splitlines` also splits at characters such as \x1e that a
+    message may quote from the user's input) but progress bars (layershap's, and lm-eval's tqdm, which an
+    error can interrupt mid-line: the error then starts where the bar stopped)."""
+    lines = [line[line.index("layershap: "):] if "layershap: " in line else line for line in err.split("\n")]
     return [line for line in lines if line.strip() and "━" not in line and "%|" not in line]

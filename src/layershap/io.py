@@ -69,6 +69,24 @@ def check_out_is_not_the_model(out, model: str | None, option: str = "--out") ->
                              f"replace it while it is read; give another {option}")
 
 
+def save_pretrained(model, out: Path, **kwargs) -> None:
+    """`model.save_pretrained`, with a failure to write the weights as one line: safetensors reports a full
+    disk or any other I/O error as its own `SafetensorError`, not an OSError, which would otherwise end the
+    command in a traceback (and leave a folder with a config and no weights, which the message names)."""
+    from layershap.errors import LayershapError
+
+    try:
+        model.save_pretrained(out, **kwargs)
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        text = str(exc)
+        reason = ("the disk is full" if "No space left" in text or "os error 28" in text
+                  else (text.splitlines() or ["unknown error"])[0])
+        raise LayershapError(f"cannot write the model's weights to {out}: {reason}; what was written there is "
+                             "incomplete: free space (or write elsewhere) and run again") from None
+
+
 def describe_os_error(exc: OSError) -> str:
     """An OSError as one line: what failed, on which path."""
     import errno

@@ -97,8 +97,9 @@ def invocations(draw, model_dir, workdir):
     return argv
 
 
-def test_the_command_line_never_ends_in_a_traceback(tmp_path_factory, tiny_model_dir):
+def test_the_command_line_never_ends_in_a_traceback(tmp_path_factory, tiny_model_dir, monkeypatch):
     workdir = tmp_path_factory.mktemp("fuzz")
+    monkeypatch.chdir(workdir)  # a drawn `--out ""` writes into the working directory: not the checkout's
     import torch
 
     torch.set_num_threads(1)
@@ -116,32 +117,37 @@ def test_the_command_line_never_ends_in_a_traceback(tmp_path_factory, tiny_model
 CHEAP = {"data": ["--samples", "1", "--seq-len", "8"], "eval": ["--eval-samples", "1", "--eval-seq-len", "8"]}
 
 
+# The heavier commands' counts (steps, repeats, tokens, documents, windows): wrong ones, but none so large that a
+# run that accepts it takes minutes (`--steps 222...2` is a valid, endless fine-tune).
+COUNTS = st.one_of(st.integers(-2, 4).map(str), st.sampled_from(["", " ", "x", "nan", "1.5", "1e9", "1,2"]))
+
+
 def _heavier_options(model_dir, workdir, text) -> dict[str, dict[str, tuple[str, st.SearchStrategy]]]:
     """Per command, its options at a cheap value that works, and what a user might type there instead."""
     paths = st.sampled_from([str(model_dir), str(text), str(workdir / "missing" / "x"), "/dev/null", str(workdir),
                              "", str(workdir / "out dir é"), "/proc/x"])
     model = ("--model", (str(model_dir), paths))
     data = {"--data": (str(text), st.one_of(paths, TEXT, st.sampled_from(["c4,", "tiny:x", "wiki:0"]))),
-            "--samples": ("1", NUMBERS), "--seq-len": ("8", NUMBERS)}
-    held_out = {"--eval-data": (str(text), st.one_of(paths, TEXT)), "--eval-samples": ("1", NUMBERS),
-                "--eval-seq-len": ("8", NUMBERS)}
+            "--samples": ("1", COUNTS), "--seq-len": ("8", COUNTS)}
+    held_out = {"--eval-data": (str(text), st.one_of(paths, TEXT)), "--eval-samples": ("1", COUNTS),
+                "--eval-seq-len": ("8", COUNTS)}
     out = ("--out", (str(workdir / "out"), st.one_of(paths, st.just(str(workdir / "out" / "model.safetensors")))))
     return {
         "compare": dict([model, *data.items(), *held_out.items(), out,
                          ("--ratios", ("0.34", st.one_of(RATIOS, st.sampled_from(["0.2,0.5", "0.34,x", ",", "0.34,0.34"])))),
                          ("--methods", ("last", st.sampled_from(["last,shortgpt", "nope", "", "last,,", "shortgpt"]))),
-                         ("--batch-size", ("8", NUMBERS)), ("--protect", ("", st.one_of(TEXT, st.just("0,-1"))))]),
-        "heal": dict([model, *data.items(), *held_out.items(), out, ("--steps", ("1", NUMBERS)),
-                      ("--rank", ("1", NUMBERS)), ("--alpha", ("2", RATIOS)), ("--lr", ("1e-3", RATIOS)),
-                      ("--batch-size", ("1", NUMBERS))]),
+                         ("--batch-size", ("8", COUNTS)), ("--protect", ("", st.one_of(TEXT, st.just("0,-1"))))]),
+        "heal": dict([model, *data.items(), *held_out.items(), out, ("--steps", ("1", COUNTS)),
+                      ("--rank", ("1", COUNTS)), ("--alpha", ("2", RATIOS)), ("--lr", ("1e-3", RATIOS)),
+                      ("--batch-size", ("1", COUNTS))]),
         "quantize": dict([model, *held_out.items(), out,
                           ("--scheme", ("int8", st.sampled_from(["int4", "int3", "", "INT8"]))),
-                          ("--batch-size", ("8", NUMBERS))]),
+                          ("--batch-size", ("8", COUNTS))]),
         "eval": dict([model, ("--tasks", ("piqa", st.one_of(TEXT, st.sampled_from(["nope", "", "piqa,,", "lambada"])))),
-                      ("--limit", ("1", NUMBERS)), ("--batch-size", ("8", NUMBERS))]),
-        "bench": dict([model, ("--batch-sizes", ("1", st.one_of(NUMBERS, st.sampled_from(["1,x", "-2", "1,,2"])))),
-                       ("--prompt-len", ("4", NUMBERS)), ("--new-tokens", ("2", NUMBERS)),
-                       ("--repeats", ("1", NUMBERS)), ("--warmup", ("0", NUMBERS)),
+                      ("--limit", ("1", COUNTS)), ("--batch-size", ("8", COUNTS))]),
+        "bench": dict([model, ("--batch-sizes", ("1", st.one_of(COUNTS, st.sampled_from(["1,x", "-2", "1,,2"])))),
+                       ("--prompt-len", ("4", COUNTS)), ("--new-tokens", ("2", COUNTS)),
+                       ("--repeats", ("1", COUNTS)), ("--warmup", ("0", COUNTS)),
                        ("--baseline", (str(model_dir), paths))]),
     }
 
@@ -162,13 +168,15 @@ def heavier_invocations(draw, options):
     return argv
 
 
-def test_the_heavier_commands_never_end_in_a_traceback(tmp_path_factory, tiny_model_dir, sample_text_file):
+def test_the_heavier_commands_never_end_in_a_traceback(tmp_path_factory, tiny_model_dir, sample_text_file,
+                                                      monkeypatch):
     """On a copy of the tiny model: a drawn `--out` may overwrite it (quantize --out MODEL), and the later
     examples then run on what was written there, as a user's next command would."""
     import shutil
 
     workdir = tmp_path_factory.mktemp("fuzz-heavier")
     model_dir = shutil.copytree(tiny_model_dir, workdir / "model")
+    monkeypatch.chdir(workdir)  # `--out ""` is the working directory: a model and its card (README.md) land there
 
     @settings(max_examples=max(1, EXAMPLES // 3), deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
@@ -199,6 +207,8 @@ def _heavier_cases(model, text, out):
         ([*quantize, "--scheme", "int8", "--out", f"{out}/int8"], 0),
         ([*quantize, "--scheme", "int3", "--out", f"{out}/int3"], 2),
         ([*quantize, "--scheme", "int8", "--out", "/dev/null/x"], 2),
+        ([*quantize, "--scheme", "int8", "--batch-size", "0", "--out", f"{out}/int8-b0"], 2),
+        ([*compare, "--ratios", "0.34", "--methods", "last", "--batch-size", "0", "--out", f"{out}/compare"], 2),
         (["eval", "--model", model, "--tasks", "piqa", "--limit", "1"], 0),
         (["eval", "--model", model, "--tasks", "nope", "--limit", "1"], 2),
         (["eval", "--model", model, "--tasks", "piqa", "--limit", "-1"], 2),
@@ -210,7 +220,8 @@ def _heavier_cases(model, text, out):
 
 
 def test_the_heavier_commands_run_cheaply_and_refuse_bad_values_in_one_line(tmp_path, tiny_model_dir,
-                                                                             sample_text_file):
+                                                                             sample_text_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     for argv, expected in _heavier_cases(str(tiny_model_dir), str(sample_text_file), str(tmp_path)):
         assert _check(argv) == expected, argv
 
@@ -236,3 +247,15 @@ def test_out_cannot_be_the_model_being_read(command, tmp_path, tiny_model_dir, s
         (line,) = error_lines(err)
         assert "is the model being read" in line
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+@pytest.mark.parametrize("batch_size", ["0", "-1"])
+def test_a_batch_size_below_one_is_one_line(batch_size, tmp_path, tiny_model_dir, sample_text_file):
+    """--batch-size 0 ended ppl, estimate, prune, compare and quantize in a traceback (range() step 0, or a
+    division by zero); found by the fuzz."""
+    windows = ["--data", sample_text_file, "--samples", "1", "--seq-len", "8"]
+    for argv in (["ppl", *windows], ["estimate", *windows, "--out", tmp_path / "e"],
+                 ["prune", *windows, "--ratio", "0.34", "--method", "last", "--out", tmp_path / "p"]):
+        code, err = _run([*argv, "--model", tiny_model_dir, "--batch-size", batch_size])
+        expected = f"layershap: error: Invalid value for '--batch-size': must be at least 1; got {batch_size}"
+        assert code == 2 and error_lines(err) == [expected], (argv, err)

@@ -30,7 +30,14 @@ EvalData = Annotated[str, typer.Option("--eval-data", help="Comma-separated text
                                                           "windows).")]
 EvalSamples = Annotated[int, typer.Option("--eval-samples", help="Held-out windows per text.")]
 EvalSeqLen = Annotated[int, typer.Option("--eval-seq-len", help="Tokens per held-out window.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
+def _at_least_one(value):
+    """A count of windows per pass below 1 ended every command that runs the model in a traceback."""
+    if value is not None and value < 1:
+        raise typer.BadParameter(f"must be at least 1; got {value}")
+    return value
+
+
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.", callback=_at_least_one)]
 Budget = Annotated[int | None, typer.Option(help="Real-model evaluations, in full-size passes: a mask costs "
                                                     "its kept blocks' share (default 128; the paper preset "
                                                     "counts 8000 masks).")]

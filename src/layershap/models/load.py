@@ -232,7 +232,7 @@ def default_model_dir() -> Path:
     gguf = default_gguf_file()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from layershap.models.save import save_pretrained
+    from layershap.io import save_pretrained
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from layershap.errors import LayershapError
-from layershap.io import read_json, write_json
+from layershap.io import read_json, save_pretrained, write_json
 from layershap.models.architectures import architecture_of
 from layershap.models.card import write_model_card
 from layershap.models.layers import check_editable
@@ -55,22 +55,6 @@ def save_pruned(model, tokenizer, out_dir, record: dict | None = None, *, keep_c
         write_json(out / "layershap.json", record)
         write_model_card(out, record)
     return out
-
-
-def save_pretrained(model, out: Path, **kwargs) -> None:
-    """`model.save_pretrained`, with a failure to write the weights as one line: safetensors reports a full
-    disk or any other I/O error as its own `SafetensorError`, not an OSError, which would otherwise end the
-    command in a traceback (and leave a folder with a config and no weights, which the message names)."""
-    try:
-        model.save_pretrained(out, **kwargs)
-    except Exception as exc:
-        if type(exc).__name__ != "SafetensorError":
-            raise
-        text = str(exc)
-        reason = ("the disk is full" if "No space left" in text or "os error 28" in text
-                  else (text.splitlines() or ["unknown error"])[0])
-        raise LayershapError(f"cannot write the model's weights to {out}: {reason}; what was written there is "
-                             "incomplete: free space (or write elsewhere) and run again") from None
 
 
 def _save_streamed(model, out: Path, remote_code) -> None:
