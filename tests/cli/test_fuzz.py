@@ -85,7 +85,13 @@ def invocations(draw, model_dir, workdir):
         argv = ["prune", "--model", model, "--data", data, "--ratio", draw(RATIOS), "--method",
                 draw(st.sampled_from(["last", "shortgpt", "nope", ""])), "--out", draw(paths), "--samples",
                 draw(NUMBERS), "--seq-len", draw(NUMBERS), "--eval-data", data, "--eval-samples", "2",
-                "--eval-seq-len", draw(NUMBERS), "--protect", draw(st.one_of(TEXT, st.just("0,-1")))]
+                "--eval-seq-len", draw(NUMBERS), "--protect", draw(st.one_of(TEXT, st.just("0,-1"))),
+                "--repair", draw(st.sampled_from(["auto", "none", "scale", "replaceme-lstsq", "linearpatch", "nope",
+                                                  ""])),
+                "--repair-samples", draw(NUMBERS), "--offload", draw(st.sampled_from(["auto", "none", "disk", "x"])),
+                "--granularity", draw(st.sampled_from(["block", "block", "sublayer", "layer"]))]
+        if draw(st.booleans()):
+            argv += ["--format", draw(st.sampled_from(["auto", "hf", "gguf", "decilm", "onnx"]))]
     elif command == "report":
         argv = ["report", draw(paths)]
     else:
@@ -136,7 +142,10 @@ def _heavier_options(model_dir, workdir, text) -> dict[str, dict[str, tuple[str,
         "compare": dict([model, *data.items(), *held_out.items(), out,
                          ("--ratios", ("0.34", st.one_of(RATIOS, st.sampled_from(["0.2,0.5", "0.34,x", ",", "0.34,0.34"])))),
                          ("--methods", ("last", st.sampled_from(["last,shortgpt", "nope", "", "last,,", "shortgpt"]))),
-                         ("--batch-size", ("8", COUNTS)), ("--protect", ("", st.one_of(TEXT, st.just("0,-1"))))]),
+                         ("--batch-size", ("8", COUNTS)), ("--protect", ("", st.one_of(TEXT, st.just("0,-1")))),
+                         ("--repair", ("scale", st.sampled_from(["none", "scale,prunecomp", "linearpatch", "x", ",",
+                                                                 "scale,,"]))),
+                         ("--repair-samples", ("2", COUNTS))]),
         "heal": dict([model, *data.items(), *held_out.items(), out, ("--steps", ("1", COUNTS)),
                       ("--rank", ("1", COUNTS)), ("--alpha", ("2", RATIOS)), ("--lr", ("1e-3", RATIOS)),
                       ("--batch-size", ("1", COUNTS))]),
