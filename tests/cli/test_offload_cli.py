@@ -15,8 +15,8 @@ def _prune(capsys, tmp_path, tiny_model_dir, long_text_file, offload, method):
                                  "--offload", offload, "--out", out, "--budget", "30", "--samples", "3",
                                  "--seq-len", "16", "--eval-samples", "2", "--eval-seq-len", "16",
                                  "--data", long_text_file, "--eval-data", long_text_file,
-                                 "--store", tmp_path / f"{offload}.sqlite"], capsys)
-    assert code == 0, err
+                                 "--store", tmp_path / f"{offload}.sqlite", "--repair", "none"], capsys)
+    assert code == 0, err  # --repair none: a streamed model is never repaired (auto means none for it)
     return out, json.loads((out / "layershap.json").read_text()), err
 
 
@@ -29,6 +29,19 @@ def test_streamed_prune_equals_the_loaded_one(capsys, tmp_path, tiny_model_dir, 
             assert streamed[key] == loaded[key], key
         reloaded = AutoModelForCausalLM.from_pretrained(streamed_out)
         assert reloaded.config.num_hidden_layers == 6 - len(streamed["removed"])
+
+
+def test_a_streamed_model_is_not_repaired_and_says_so(capsys, tmp_path, tiny_model_dir, long_text_file):
+    out = tmp_path / "auto"
+    code, stdout, err = run_cli(["prune", "--model", tiny_model_dir, "--ratio", "0.34", "--method", "shortgpt",
+                                 "--offload", "disk", "--out", out, "--samples", "3", "--seq-len", "16",
+                                 "--eval-samples", "2", "--eval-seq-len", "16", "--data", long_text_file,
+                                 "--eval-data", long_text_file], capsys)
+    assert code == 0, err
+    assert json.loads((out / "layershap.json").read_text())["repair"]["recipe"] == "none" and "no repair" in stdout
+    code, _, err = run_cli(["prune", "--model", tiny_model_dir, "--ratio", "0.34", "--offload", "disk",
+                            "--repair", "scale", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "--repair folds into weights" in err
 
 
 def test_a_model_that_does_not_fit_exits_2_with_the_numbers(capsys, tiny_model_dir, monkeypatch):
