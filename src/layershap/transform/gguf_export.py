@@ -172,6 +172,15 @@ def write_pruned_gguf(source, out, removed: Sequence[int], record: dict | None =
         writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
         copied += 1
 
+    write_atomically(writer, out)
+    return {"file": str(out), "architecture": arch, "source": str(source), "source_blocks": n,
+            "kept": kept, "removed": sorted(removed_set), "tensors": copied, "sliced_metadata": sliced,
+            "bytes": out.stat().st_size, "notes": notes}
+
+
+def write_atomically(writer, out: Path) -> None:
+    """Write a filled `GGUFWriter` to `out` through a temporary file beside it, so that an interrupted write
+    never leaves a truncated GGUF under the final name."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
@@ -183,9 +192,6 @@ def write_pruned_gguf(source, out, removed: Sequence[int], record: dict | None =
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
-    return {"file": str(out), "architecture": arch, "source": str(source), "source_blocks": n,
-            "kept": kept, "removed": sorted(removed_set), "tensors": copied, "sliced_metadata": sliced,
-            "bytes": out.stat().st_size, "notes": notes}
 
 
 def provenance_keys(record: dict, *, source: Path, n_blocks: int, removed: list[int]) -> list[tuple]:

@@ -28,7 +28,6 @@ the tokenizer and other keys unchanged, and `layershap.*` keys record the plan a
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from layershap.transform.gguf_export import (
     _first_line,
     _string,
     provenance_keys,
+    write_atomically,
 )
 
 ARCH = "deci"
@@ -217,17 +217,7 @@ def write_sublayer_gguf(source, out, removed_sublayers: Sequence[str], record: d
             writer.add_tensor(f"blk.{new}.{part}", array, raw_dtype=dtype)
             added_bytes += array.nbytes
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    write_atomically(writer, out)
     notes = []
     if zero_ffn:
         notes.append(f"{len(zero_ffn)} block(s) keep only their attention: llama.cpp's deci drops a block's "

@@ -307,24 +307,13 @@ def _installed(blocks, fits: list[CutFit]):
     for fit in fits:
         if fit.kind == "scale":
             scale = float(fit.scale)
-
-            def pre(module, args, kwargs, scale=scale):
-                if args:
-                    return (args[0] * scale, *args[1:]), kwargs
-                kwargs = dict(kwargs)
-                kwargs["hidden_states"] = kwargs["hidden_states"] * scale
-                return args, kwargs
-
-            handles.append(blocks[fit.cut.after].register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(blocks[fit.cut.after].register_forward_pre_hook(
+                _on_hidden(lambda hidden, scale=scale: hidden * scale), with_kwargs=True))
         elif fit.kind == "stream":
-            def pre_map(module, args, kwargs, P=fit.map):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                mapped = (hidden.double() @ P.to(hidden.device)).to(hidden.dtype)
-                if args:
-                    return (mapped, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": mapped}
+            def patch(hidden, P=fit.map):
+                return (hidden.double() @ P.to(hidden.device)).to(hidden.dtype)
 
-            handles.append(blocks[fit.cut.after].register_forward_pre_hook(pre_map, with_kwargs=True))
+            handles.append(blocks[fit.cut.after].register_forward_pre_hook(_on_hidden(patch), with_kwargs=True))
         elif fit.kind == "map":
             mlp = _submodule(blocks[fit.cut.before], MLP_OUT)
 
@@ -337,6 +326,17 @@ def _installed(blocks, fits: list[CutFit]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _on_hidden(change):
+    """A forward pre-hook that replaces a block's input hidden states (positional or `hidden_states=`) by
+    `change(hidden)`."""
+    def hook(module, args, kwargs):
+        if args:
+            return (change(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": change(kwargs["hidden_states"])}
+
+    return hook
 
 
 def _capture(model, tokens: torch.Tensor, batch_size: int, hooks: list[tuple[object, str, Callable]]) -> None:
