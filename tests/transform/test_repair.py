@@ -14,6 +14,8 @@ from layershap.models.layers import prune_layers
 from layershap.transform.repair import (
     Cut,
     check_repairable,
+    dense_streams,
+    fit_and_judge,
     fit_repair,
     fold_repair,
     removed_runs,
@@ -62,6 +64,35 @@ def test_folded_repair_equals_the_hooked_one(recipe):
     assert (plain - hooked).abs().max() > 1e-3  # the repair does something
     torch.testing.assert_close(folded, hooked, rtol=1e-5, atol=1e-6)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+PLANS = [[1, 2], [0, 2, 3], [1, 3, 5], [0, 1, 4, 5], [2], [4, 5]]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("recipe", ["none", "scale", "prunecomp", "linearpatch"])
+def test_resumed_fit_and_judgement_equal_the_plain_path(model_type, recipe):
+    """Resuming each cut from the corrected stream of the one before (and the judgement from the last one) is a
+    fast path: its fits and its NLL are the plain path's bit for bit, for runs at block 0, in the middle and at
+    the end of the stack, with the dense streams traced per plan or once for all."""
+    from layershap.game.nll import mean_nll
+
+    model = tiny_model(model_type)
+    n = len(model.model.layers)
+    shared = dense_streams(model, range(n), TOKENS, 4, starts=range(n))
+    for removed in PLANS:
+        plain = fit_repair(model, removed, TOKENS, recipe, batch_size=4, resume=False)
+        with repaired(model, removed, plain):
+            expected = mean_nll(model, TOKENS, batch_size=4)
+        for dense in (None, shared):
+            fast, nll = fit_and_judge(model, removed, TOKENS, recipe, batch_size=4, dense=dense)
+            assert [f.describe() for f in fast.fits] == [f.describe() for f in plain.fits]
+            assert [f.scale for f in fast.fits] == [f.scale for f in plain.fits]
+            for a, b in zip(fast.fits, plain.fits):
+                assert (a.map is None) == (b.map is None) and (a.map is None or torch.equal(a.map, b.map))
+            assert nll == expected, (removed, recipe)
+        if recipe != "none" and removed[0] > 0 and len(removed_runs(removed, n)) > 1:  # later cuts resume
+            assert fast.cost.token_passes < plain.cost.token_passes
 
 
 def test_scale_fixes_magnitude_and_none_changes_nothing():

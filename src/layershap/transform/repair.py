@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from layershap.errors import LayershapError
+from layershap.game.nll import batch_nll, mean_nll
 from layershap.models.architectures import architecture_of
 from layershap.models.layers import block_list, keep_only, normalise_layer_list
 from layershap.plan.cost import Cost
@@ -368,13 +369,30 @@ def _flat(chunks: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).double().cpu()
 
 
-def dense_targets(model, ends, tokens: torch.Tensor, batch_size: int, cost: Cost | None = None) -> dict[int, torch.Tensor]:
-    """The dense model's stream after block `end` (what follows a removed run ending there), for every end,
-    in one pass that stops after the last of them."""
+@dataclass
+class DenseStreams:
+    """The dense model's streams on one set of tokens: after each block `end` (flattened, float64: the targets
+    a cut is fitted to) and entering each block `start` (per batch, as the model computed them: where a
+    resumed fit starts, since the stream entering a plan's first cut is the dense one)."""
+
+    targets: dict[int, torch.Tensor]
+    entering: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+
+def dense_streams(model, ends, tokens: torch.Tensor, batch_size: int, cost: Cost | None = None, *,
+                  starts=()) -> DenseStreams:
+    """The dense model's stream after every block in `ends` and entering every block in `starts` (each at
+    most the last end), in one pass that stops after the last end."""
     blocks = block_list(model)
     ends = sorted(set(ends))
     seen: dict[int, list] = {end: [] for end in ends}
+    entering: dict[int, list] = {start: [] for start in sorted(set(starts))}
     hooks = []
+    for start in entering:
+        def grab_in(module, args, kwargs, start=start):
+            entering[start].append(_hidden_of(args, kwargs).detach())
+
+        hooks.append((blocks[start], "pre", grab_in))
     for end in ends:
         def grab(module, args, kwargs, output, end=end):
             seen[end].append((output[0] if isinstance(output, (tuple, list)) else output).detach())
@@ -385,7 +403,51 @@ def dense_targets(model, ends, tokens: torch.Tensor, batch_size: int, cost: Cost
     _capture(model, tokens, batch_size, hooks)
     if cost is not None:
         cost.add(int(tokens.numel()), ends[-1] + 1)
-    return {end: _flat(chunks) for end, chunks in seen.items()}
+    return DenseStreams({end: _flat(chunks) for end, chunks in seen.items()}, entering)
+
+
+def _resumed(model, run: list[int], states: list[torch.Tensor], tokens: torch.Tensor, batch_size: int, *,
+             to_head: bool = False):
+    """Run only the blocks `run` (original indices, consecutive among the kept ones) with `states` (per batch)
+    put in place of the input of `run[0]`: the stream after `run[-1]` per batch, or, `to_head`, the mean NLL
+    through the final norm and head. The model's own forward pass does it, so masks and rotary embeddings are
+    built as in the plain path (`game/prefix.py` resumes the same way) and the results are the plain path's
+    bit for bit."""
+    blocks = block_list(model)
+    device = next(model.parameters()).device
+    batch = 0
+    out: list[torch.Tensor] = []
+
+    def inject(module, args, kwargs):
+        if args:
+            return (states[batch], *args[1:]), kwargs
+        key = "hidden_states" if "hidden_states" in kwargs else "hidden"
+        return args, {**kwargs, key: states[batch]}
+
+    def grab(module, args, kwargs, output):
+        out.append((output[0] if isinstance(output, (tuple, list)) else output).detach())
+        raise _Stop
+
+    handles = [blocks[run[0]].register_forward_pre_hook(inject, with_kwargs=True)]
+    if not to_head:
+        handles.append(blocks[run[-1]].register_forward_hook(grab, with_kwargs=True))
+    total, count = 0.0, 0
+    try:
+        with keep_only(model, run), torch.inference_mode():
+            for batch, start in enumerate(range(0, tokens.shape[0], batch_size)):
+                ids = tokens[start:start + batch_size].to(device)
+                if to_head:
+                    summed, scored = batch_nll(model, ids, start)
+                    total, count = total + summed, count + scored
+                    continue
+                try:
+                    model(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total / count if to_head else out
 
 
 def _pruned_activations(model, cut: Cut, tokens: torch.Tensor, batch_size: int, with_mlp: bool):
@@ -435,50 +497,138 @@ class Repair:
 
 
 def fit_repair(model, removed: Sequence[int], tokens: torch.Tensor, recipe_name: str, *,
-               batch_size: int = 8, targets: dict[int, torch.Tensor] | None = None) -> Repair:
+               batch_size: int = 8, dense: DenseStreams | None = None, resume: bool = True) -> Repair:
     """Fit `recipe_name` for removing `removed` (original block indices) from the dense `model`, cut by cut,
     on `tokens` ([windows, seq_len]). The model is left as it was (nothing folded yet: `fold_repair`).
 
-    targets: the dense streams `dense_targets` returns, when several plans are fitted on the same tokens (then
+    dense: the dense streams `dense_streams` returns, when several plans are fitted on the same tokens (then
     their pass is not counted here). `cost` counts token-passes as the game does (one token through one
-    block; these passes stop at the cut and never run the head)."""
+    block; these passes stop at the cut and never run the head). resume: a scale or stream recipe resumes
+    from the stream at each cut instead of running from the first block again (`fit_and_judge`); the fits are
+    the same bit for bit, the plain path (`resume=False`) is what the tests compare it with."""
+    return fit_and_judge(model, removed, tokens, recipe_name, batch_size=batch_size, dense=dense, judge=False,
+                         resume=resume)[0]
+
+
+def fit_and_judge(model, removed: Sequence[int], tokens: torch.Tensor, recipe_name: str, *, batch_size: int = 8,
+                  dense: DenseStreams | None = None, judge: bool = True, resume: bool = True
+                  ) -> tuple[Repair, float | None]:
+    """`fit_repair`, and (`judge`) the mean NLL of `tokens` under the repaired model, counted in the repair's
+    cost. For a scale or stream recipe on a model whose blocks take a cached input (`prefix_sharing`), each
+    cut resumes from the corrected stream of the one before (the first from the dense stream entering the
+    plan's first removed block) and the judgement from the last cut's, so a plan costs its kept blocks after
+    its first cut once instead of once per cut and again for the judgement."""
     recipe = recipe_for(recipe_name)
     started = time.perf_counter()
     n = len(block_list(model))
     removed = normalise_layer_list(removed, n)
     repair = Repair(recipe.name, tokens=int(tokens.numel()))
-    if recipe.kind == "none" or not removed:
-        return repair
+    if not removed:
+        return repair, None
     cuts = removed_runs(removed, n)
-    if targets is None:
-        targets = dense_targets(model, [c.end for c in cuts], tokens, batch_size, repair.cost)
     keep = [i for i in range(n) if i not in set(removed)]
+    resumable = (resume and recipe.kind in ("none", "scale", "stream") and architecture_of(model).prefix_sharing
+                 and cuts[0].after is not None)
+    if recipe.kind == "none" and not (judge and resumable):
+        nll = _plain_judgement(model, removed, repair, tokens, batch_size) if judge else None
+        return repair, nll
+    if dense is None:
+        ends = [cuts[0].start] if recipe.kind == "none" else [c.end for c in cuts]
+        dense = dense_streams(model, ends, tokens, batch_size, repair.cost,
+                              starts=[cuts[0].start] if resumable else ())
+    if resumable and cuts[0].start not in dense.entering:
+        raise ValueError(f"dense streams lack the stream entering block {cuts[0].start} (give it in starts=)")
+    nll = (_fit_resumed(model, recipe, cuts, keep, tokens, batch_size, dense, repair, judge) if resumable else
+           _fit_plain(model, recipe, cuts, keep, tokens, batch_size, dense, repair))
+    if judge and nll is None:
+        nll = _plain_judgement(model, removed, repair, tokens, batch_size)
+    repair.seconds = time.perf_counter() - started
+    return repair, nll
+
+
+def _fit_cut(recipe: Recipe, cut: Cut, entering: torch.Tensor | None, mlp_out: torch.Tensor | None,
+             target: torch.Tensor) -> CutFit:
+    """One cut's fit from its activations (see the recipes above)."""
+    fit = CutFit(cut, "none")
+    if mlp_out is not None:
+        fit.kind, fit.map = "map", recipe.fit(mlp_out, entering - mlp_out, target)
+    elif recipe.kind == "stream":
+        fit.kind, fit.map = "stream", recipe.fit(entering, target)
+    else:
+        scale_fit = recipe.fit if recipe.kind == "scale" else recipe.fallback
+        fit.kind, fit.scale = "scale", scale_fit(entering, target)
+    if recipe.kind == "map" and cut.before is None:
+        fit.note = "no kept block before this run: the map would need the (tied) embedding; scaled instead"
+    return fit
+
+
+def _unfitted(recipe: Recipe, cut: Cut) -> CutFit | None:
+    """The fit of a cut that needs no activations: a run that ends the stack gets no scale."""
+    use_map = recipe.kind == "map" and cut.before is not None
+    if cut.after is None and not use_map:
+        return CutFit(cut, "none", note="a scale before the final norm changes nothing" if recipe.kind != "stream"
+                      else "a run that ends the stack: no kept block after it to patch the input of")
+    return None
+
+
+def _fit_plain(model, recipe, cuts, keep, tokens, batch_size, dense, repair) -> None:
+    """Each cut from a pass from the first block, the earlier corrections hooked in."""
     with keep_only(model, keep):
         blocks = block_list(model)
         for cut in cuts:
-            fit = CutFit(cut, "none")
-            if recipe.kind == "map" and cut.before is None:
-                fit.note = "no kept block before this run: the map would need the (tied) embedding; scaled instead"
-            use_map = recipe.kind == "map" and cut.before is not None
-            if cut.after is None and not use_map:
-                fit.note = ("a scale before the final norm changes nothing" if recipe.kind != "stream" else
-                            "a run that ends the stack: no kept block after it to patch the input of")
-                repair.fits.append(fit)
-                continue
-            with _installed(blocks, repair.fits):
-                entering, mlp_out = _pruned_activations(model, cut, tokens, batch_size, use_map)
-            repair.cost.add(int(tokens.numel()), cut.after if cut.after is not None else len(blocks))
-            target = targets[cut.end]
-            if use_map:
-                fit.kind, fit.map = "map", recipe.fit(mlp_out, entering - mlp_out, target)
-            elif recipe.kind == "stream":
-                fit.kind, fit.map = "stream", recipe.fit(entering, target)
-            else:
-                scale_fit = recipe.fit if recipe.kind == "scale" else recipe.fallback
-                fit.kind, fit.scale = "scale", scale_fit(entering, target)
+            fit = _unfitted(recipe, cut)
+            if fit is None:
+                use_map = recipe.kind == "map" and cut.before is not None
+                with _installed(blocks, repair.fits):
+                    entering, mlp_out = _pruned_activations(model, cut, tokens, batch_size, use_map)
+                repair.cost.add(int(tokens.numel()), cut.after if cut.after is not None else len(blocks))
+                fit = _fit_cut(recipe, cut, entering, mlp_out, dense.targets[cut.end])
             repair.fits.append(fit)
-    repair.seconds = time.perf_counter() - started
-    return repair
+    return None
+
+
+def _corrected(fit: CutFit, hidden: torch.Tensor) -> torch.Tensor:
+    """What `_installed`'s hook makes of the stream entering the block after the cut (the same operations)."""
+    if fit.kind == "scale":
+        return hidden * float(fit.scale)
+    if fit.kind == "stream":
+        return (hidden.double() @ fit.map.to(hidden.device)).to(hidden.dtype)
+    return hidden
+
+
+def _fit_resumed(model, recipe, cuts, keep, tokens, batch_size, dense, repair, judge) -> float | None:
+    """Cut by cut, each from the stream the previous one left (see `fit_and_judge`); the judgement, if asked,
+    from the last cut's corrected stream (None where the last run ends the stack: no block to resume into)."""
+    states = dense.entering[cuts[0].start]  # = the pruned stream entering the first cut
+    position = cuts[0].after  # the kept block whose input `states` is
+    for j, cut in enumerate(cuts):
+        if recipe.kind == "none":
+            break
+        fit = _unfitted(recipe, cut)
+        if fit is not None:  # the last run ends the stack
+            repair.fits.append(fit)
+            return None
+        fit = _fit_cut(recipe, cut, _flat(states), None, dense.targets[cut.end])
+        repair.fits.append(fit)
+        states = [_corrected(fit, hidden) for hidden in states]
+        if j + 1 < len(cuts):
+            run = keep[cut.after:cuts[j + 1].before + 1]
+            states = _resumed(model, run, states, tokens, batch_size)
+            repair.cost.add(int(tokens.numel()), len(run))
+            position = cuts[j + 1].after
+    if not judge or position is None:
+        return None
+    run = keep[position:]
+    nll = _resumed(model, run, states, tokens, batch_size, to_head=True)
+    repair.cost.add(int(tokens.numel()), len(run) + 1)
+    return nll
+
+
+def _plain_judgement(model, removed, repair: Repair, tokens: torch.Tensor, batch_size: int) -> float:
+    with repaired(model, removed, repair):
+        nll = mean_nll(model, tokens, batch_size=batch_size)
+    repair.cost.add(int(tokens.numel()), len(block_list(model)) - len(removed) + 1)
+    return nll
 
 
 @contextmanager

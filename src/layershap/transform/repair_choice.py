@@ -10,7 +10,9 @@ Judged on the windows the search measured them on, so that every finalist is com
 before (the screening NLL beside the repaired one shows how much the ranking moved); each finalist's repair is
 fitted on those windows too (a scale per cut has one number to fit, so fitting and judging on the same
 windows flatters no finalist more than another), and the chosen plan's repair is then fitted again on the
-repair windows. The dense model's streams are traced once for all finalists.
+repair windows. The dense model's streams are traced once for all finalists, and each finalist's fit and
+judgement resume from the stream at its cuts (`fit_and_judge`), so a finalist costs its kept blocks after its
+first cut, once.
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from layershap.game.nll import mean_nll
-from layershap.models.layers import keep_only, num_layers
+from layershap.models.layers import num_layers
 from layershap.plan.cost import Cost
 from layershap.plan.methods.base import Plan
-from layershap.transform.repair import dense_targets, fit_repair, recipe_for, removed_runs, repaired
+from layershap.transform.repair import dense_streams, fit_and_judge, recipe_for, removed_runs
 
 
 def choose_for_repair(model, plan: Plan, calibration, recipe: str, *, batch_size: int = 8) -> Plan:
@@ -42,22 +43,18 @@ def choose_for_repair(model, plan: Plan, calibration, recipe: str, *, batch_size
     tokens = calibration.tokens
     n = num_layers(model)
     cost = Cost()
-    ends = {cut.end for removal in candidates for cut in removed_runs(removal, n)}
-    targets = dense_targets(model, ends, tokens, batch_size, cost)
+    cuts = {tuple(removal): removed_runs(removal, n) for removal in candidates}
+    ends = {cut.end for runs in cuts.values() for cut in runs}
+    dense = dense_streams(model, ends, tokens, batch_size, cost, starts={runs[0].start for runs in cuts.values()})
     screened = _screened(plan)
     rows = []
     for removal in candidates:
-        kept = n - len(removal)
         before = screened.get(tuple(removal))
         if before is None:  # not measured by the search on these windows (or no search): measure it
-            with keep_only(model, [i for i in range(n) if i not in set(removal)]):
-                before = mean_nll(model, tokens, batch_size=batch_size)
-            cost.add(int(tokens.numel()), kept + 1)
-        repair = fit_repair(model, removal, tokens, recipe, batch_size=batch_size, targets=targets)
-        with repaired(model, removal, repair):
-            after = mean_nll(model, tokens, batch_size=batch_size)
+            unrepaired, before = fit_and_judge(model, removal, tokens, "none", batch_size=batch_size, dense=dense)
+            cost.include(unrepaired.cost)
+        repair, after = fit_and_judge(model, removal, tokens, recipe, batch_size=batch_size, dense=dense)
         cost.include(repair.cost)
-        cost.add(int(tokens.numel()), kept + 1)
         rows.append({"remove": removal, "nll": before, "repaired_nll": after})
     best = min(range(len(rows)), key=lambda i: (rows[i]["repaired_nll"], i))
     chosen = rows[best]["remove"]
