@@ -388,9 +388,9 @@ def dense_streams(model, ends, tokens: torch.Tensor, batch_size: int, cost: Cost
     seen: dict[int, list] = {end: [] for end in ends}
     entering: dict[int, list] = {start: [] for start in sorted(set(starts))}
     hooks = []
-    for start in entering:
-        def grab_in(module, args, kwargs, start=start):
-            entering[start].append(_hidden_of(args, kwargs).detach())
+    for start, chunks in entering.items():
+        def grab_in(module, args, kwargs, chunks=chunks):
+            chunks.append(_hidden_of(args, kwargs).detach())
 
         hooks.append((blocks[start], "pre", grab_in))
     for end in ends:
@@ -584,7 +584,6 @@ def _fit_plain(model, recipe, cuts, keep, tokens, batch_size, dense, repair) -> 
                 repair.cost.add(int(tokens.numel()), cut.after if cut.after is not None else len(blocks))
                 fit = _fit_cut(recipe, cut, entering, mlp_out, dense.targets[cut.end])
             repair.fits.append(fit)
-    return None
 
 
 def _corrected(fit: CutFit, hidden: torch.Tensor) -> torch.Tensor:
