@@ -118,6 +118,27 @@ def test_cli_writes_decilm(capsys, tiny_model_dir, long_text_file, tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     ppl = perplexities(reloaded, tokenizer, [str(long_text_file)], samples=2, seq_len=16)[str(long_text_file)]
     assert ppl == pytest.approx(record["ppl_after"][str(long_text_file)], rel=1e-5)
+    # layershap's own commands load it without --trust-remote-code (its modeling file is layershap's own)
+    assert own_remote_code(out) is True
+    capsys.readouterr()  # what loading printed above
+    code, printed, err = run_cli(["ppl", "--model", out, "--data", long_text_file, "--samples", 2, "--seq-len", 16,
+                                  "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(printed)["ppl"][str(long_text_file)] == pytest.approx(ppl, rel=1e-6)
+    # and prune it again by whole blocks: block_configs stays one entry per block, the file still loads
+    again = tmp_path / "deci-blocks"
+    code, _, err = run_cli(["prune", "--method", "shortgpt", "--ratio", "0.34", *common, "--model", out,
+                            "--out", again], capsys)
+    assert code == 0, err
+    record = json.loads((again / "layershap.json").read_text())
+    config = json.loads((again / "config.json").read_text())
+    blocks_before = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    assert len(config["block_configs"]) == config["num_hidden_layers"] == blocks_before - len(record["removed"])
+    assert config["block_configs"] == [b for i, b in enumerate(json.loads((out / "config.json").read_text())[
+        "block_configs"]) if i not in record["removed"]]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(again, trust_remote_code=True).eval()
+    ppl = perplexities(reloaded, tokenizer, [str(long_text_file)], samples=2, seq_len=16)[str(long_text_file)]
+    assert ppl == pytest.approx(record["ppl_after"][str(long_text_file)], rel=1e-5)
     code, _, err = run_cli(["prune", "--ratio", "0.25", "--format", "decilm", *common, "--out", tmp_path / "x"],
                            capsys)
     assert code == 2 and "add --granularity sublayer" in err and err.count("\n") == 1

@@ -112,6 +112,11 @@ for _type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_t
     register(_type, Architecture(_type, "model.layers",
                                  per_layer_config=("layer_types", "no_rope_layers", "mlp_only_layers"),
                                  boundary_config=("max_window_layers",), **_SUBLAYERS.get(_type, {})))
+# A Nemotron-NAS checkpoint as layershap writes it (`--format decilm`, models/save_decilm.py): Llama blocks, some
+# without their attention or MLP, each described by one `block_configs` entry (kept in step when blocks go)
+register("nemotron-nas", Architecture("nemotron-nas", "model.layers",
+                                      per_layer_config=("layer_types", "block_configs", "kv_sharing_modes"),
+                                      **_LLAMA_LIKE))
 register("gpt2", Architecture("gpt2", "transformer.h", **_sublayers("attn", ("ln_1",), (), "mlp", ("ln_2",))))
 # OPT runs its MLP inline (fc1, activation, fc2): fc2's output is the branch; pre-norm OPT only
 register("opt", Architecture("opt", "model.decoder.layers",
