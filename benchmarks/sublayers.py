@@ -14,7 +14,9 @@ geometric mean of their perplexities. Rows, at each parameter ratio r:
   token-passes;
 - `shapley-block-seed`: the block plan the sublayer game was seeded with (half the budget; its cost is part of
   the sublayer plan's);
-- `--block-rivals` (default shortgpt) at the same blocks, `--sublayer-rivals` (default llmdrop, blockpruner).
+- `--block-rivals` (default shortgpt) at the same blocks, `--sublayer-rivals` (default llmdrop, blockpruner);
+- `shapley-sublayer@S` (`--block-shares`): the sublayer plan with the share S of `--budget` for its block plan
+  instead of half, to measure the split.
 
 Each row carries its cost (forward passes and token-passes the method used, whatever the store held, and those
 it paid here), the parameters it keeps and the KV-cache bytes per token it keeps (float16 keys and values of the
@@ -84,6 +86,9 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--block-rivals", default="shortgpt")
     parser.add_argument("--sublayer-rivals", default="llmdrop,blockpruner")
+    parser.add_argument("--block-shares", default="",
+                        help="other shares of --budget for the block plan that seeds the sublayer game (rows "
+                             "shapley-sublayer@S; the default row splits it in half)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--json", default=None)
@@ -143,9 +148,11 @@ def main() -> None:
         row("dense", lambda: {"method": "dense", "ratio": 0.0, "removed": [], "forward_passes": 0, "token_passes": 0,
                               **judged(np.ones(2 * n, dtype=bool))})
 
-        def sublayer_row(method: str, ratio: float, store=store, calibration=calibration, draw=draw) -> dict:
+        def sublayer_row(method: str, ratio: float, store=store, calibration=calibration, draw=draw,
+                         block_share: float = 0.5) -> dict:
             started = time.perf_counter()
-            options = {"settings": EstimateSettings(seed=draw, budget=args.budget)} if method == "shapley" else {}
+            options = ({"settings": EstimateSettings(seed=draw, budget=args.budget), "block_share": block_share}
+                       if method == "shapley" else {})
             plan = select_sublayers(method, model, calibration, ratio, store=store, seed=draw, **options)
             seconds = time.perf_counter() - started
             mask = np.ones(2 * n, dtype=bool)
@@ -175,6 +182,9 @@ def main() -> None:
         sublayer_rivals = [m for m in args.sublayer_rivals.split(",") if m]
         for ratio in ratios:
             sub = row(f"shapley-sublayer|r{ratio}", lambda ratio=ratio: sublayer_row("shapley", ratio))
+            for share in (float(x) for x in args.block_shares.split(",") if x):
+                row(f"shapley-sublayer@{share}|r{ratio}", lambda ratio=ratio, share=share: {
+                    **sublayer_row("shapley", ratio, block_share=share), "method": f"shapley-sublayer@{share}"})
             seed = sub["block_plan"]
             row(f"shapley-block-seed|r{ratio}",
                 lambda ratio=ratio, seed=seed: {**block_row("shapley", ratio, seed["removed"], {

@@ -70,6 +70,7 @@ def test_one_budget_is_split_and_refused_when_too_small_for_both_parts():
     from layershap.plan.sublayer import split_budget
 
     assert split_budget(256, "shapley") == (128, 128)
+    assert split_budget(128, "shapley", 0.25) == (32, 96)  # another share, for benchmarks/sublayers.py
     assert split_budget(41, "kernelshap") == (20, 21)
     assert split_budget(20, "shortgpt") == (0, 20)  # a block method that spends no budget leaves it all
     with pytest.raises(LayershapError, match="give at least 40"):

@@ -72,10 +72,11 @@ def blocks_for_parameter_ratio(ratio: float, n: int) -> int:
 BUDGETED_BLOCK_METHODS = ("shapley", "kernelshap", "permutation", "stratified", "svarm", "kadd")
 
 
-def split_budget(budget: int, block_method: str) -> tuple[int, int]:
-    """(block plan's budget, sublayer game's budget) out of one `--budget`; refuses, in one line, a budget
-    too small for both parts to reach the surrogate's minimum."""
-    block = budget // 2 if block_method in BUDGETED_BLOCK_METHODS else 0
+def split_budget(budget: int, block_method: str, block_share: float = 0.5) -> tuple[int, int]:
+    """(block plan's budget, sublayer game's budget) out of one `--budget`, `block_share` of it for the block
+    plan (half by default; benchmarks/sublayers.py --block-shares measures others); refuses, in one line, a
+    budget too small for both parts to reach the surrogate's minimum."""
+    block = int(budget * block_share) if block_method in BUDGETED_BLOCK_METHODS else 0
     sublayer = budget - block
     if (block and block < MIN_BUDGET) or sublayer < MIN_BUDGET:
         need = 2 * MIN_BUDGET if block_method in BUDGETED_BLOCK_METHODS else MIN_BUDGET
@@ -92,7 +93,8 @@ def sublayer_mask_of_blocks(n: int, remove) -> np.ndarray:
 
 
 def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | None = None, store=None,
-                  batch_size: int = 8, seed: int = 0, protect=(), block_method: str = "shapley", **_) -> Plan:
+                  batch_size: int = 8, seed: int = 0, protect=(), block_method: str = "shapley",
+                  block_share: float = 0.5, **_) -> Plan:
     """The sublayer plan (see the module doc); `Plan.remove` holds player indices (2i: attn.i, 2i+1: mlp.i)."""
     started = time.perf_counter()
     settings = settings or EstimateSettings(seed=seed)
@@ -101,7 +103,7 @@ def sublayer_plan(model, windows, ratio: float, *, settings: EstimateSettings | 
     target = ratio * block_parameters(model)
     allowed = np.array([j for j in range(2 * n) if j // 2 not in set(protect)])
     k_block = blocks_for_parameter_ratio(ratio, n)
-    block_budget, budget = split_budget(settings.budget, block_method)
+    block_budget, budget = split_budget(settings.budget, block_method, block_share)
     block = select_layers(block_method, model, windows, k_block, protect=protect, seed=seed, batch_size=batch_size,
                           store=store, settings=replace(settings, target_removed=k_block,
                                                         budget=block_budget or settings.budget))
