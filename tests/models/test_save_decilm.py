@@ -4,6 +4,8 @@ equal the in-memory skipped model's."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 
 import numpy as np
@@ -125,6 +127,17 @@ def test_cli_writes_decilm(capsys, tiny_model_dir, long_text_file, tmp_path):
                                   "--json"], capsys)
     assert code == 0, err
     assert json.loads(printed)["ppl"][str(long_text_file)] == pytest.approx(ppl, rel=1e-6)
+    # heal it: the LoRA merged back, the DeciLM layout and its modeling file kept
+    if importlib.util.find_spec("peft") is not None:
+        healed = tmp_path / "deci-healed"
+        code, _, err = run_cli(["heal", "--model", out, "--data", long_text_file, "--steps", 2, "--samples", 4,
+                                "--seq-len", 16, "--batch-size", 2, "--eval-data", long_text_file, "--eval-samples", 2,
+                                "--eval-seq-len", 16, "--out", healed], capsys)
+        assert code == 0, err
+        assert own_remote_code(healed) is True
+        source = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        again_loaded = transformers.AutoModelForCausalLM.from_pretrained(healed, trust_remote_code=True)
+        assert sorted(again_loaded.state_dict()) == sorted(source.state_dict())
     # and prune it again by whole blocks: block_configs stays one entry per block, the file still loads
     again = tmp_path / "deci-blocks"
     code, _, err = run_cli(["prune", "--method", "shortgpt", "--ratio", "0.34", *common, "--model", out,
