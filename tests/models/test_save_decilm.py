@@ -5,7 +5,6 @@ equal the in-memory skipped model's."""
 from __future__ import annotations
 
 import importlib.util
-
 import json
 
 import numpy as np
