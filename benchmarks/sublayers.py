@@ -136,7 +136,9 @@ def main() -> None:
             if full_key not in done:
                 started = time.perf_counter()
                 done[full_key] = {**make(), "draw": draw, "wall_seconds": round(time.perf_counter() - started, 1)}
-                rows_path.write_text(json.dumps(done, indent=1))
+                # another process may have added rows of this draw meanwhile (parts run side by side): keep them
+                kept = json.loads(rows_path.read_text()) if rows_path.exists() else {}
+                rows_path.write_text(json.dumps({**kept, **done}, indent=1))
             r = done[full_key]
             rows.append(r)
             print(f"draw {draw} {r['method']:20s} ratio {r['ratio']:.2f} params -{r['parameter_fraction_removed']:.3f} "
