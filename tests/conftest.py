@@ -140,6 +140,23 @@ def run_cli(args, capsys):
     return exit_info.value.code, captured.out, captured.err
 
 
+def run_cli_quietly(argv) -> tuple[int, str]:
+    """Run the CLI in-process without capsys (for loops and hypothesis); return (exit code, stderr). A
+    SystemExit without a code is 0, one with a message 1, as the interpreter would exit."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from layershap.cli.app import main
+
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as exc:
+            return (exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)), err.getvalue()
+    return 0, err.getvalue()
+
+
 def error_lines(err: str) -> list[str]:
     """stderr's lines (split at newlines only: `str.splitlines` also splits at characters such as \x1e that a
     message may quote from the user's input) but progress bars (layershap's, and lm-eval's tqdm, which an

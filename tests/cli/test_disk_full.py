@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
 import shutil
 import subprocess
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+from conftest import run_cli_quietly
 
 
 @pytest.fixture
@@ -57,18 +56,6 @@ def fill(disk: Path, leave: int) -> Path:
     return filler
 
 
-def _run(argv) -> tuple[int, str]:
-    from layershap.cli.app import main
-
-    err = io.StringIO()
-    with redirect_stdout(io.StringIO()), redirect_stderr(err):
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as exc:
-            return (exc.code if isinstance(exc.code, int) else 1), err.getvalue()
-    return 0, err.getvalue()
-
-
 def _one_line(code: int, err: str, *words: str) -> str:
     lines = [line for line in err.splitlines() if line.strip() and "━" not in line and "masks" not in line]
     assert "Traceback" not in err, err
@@ -98,12 +85,12 @@ def _estimate(model_dir, text, store, out, *, seed: int, budget: int):
 def test_a_full_disk_under_the_store_is_one_line_and_the_store_stays_readable(small_disk, tmp_path, leave,
                                                                                 tiny_model_dir, sample_text_file):
     store = small_disk / "s.sqlite"
-    code, err = _run(_estimate(tiny_model_dir, sample_text_file, store, tmp_path / "first", seed=0, budget=20))
+    code, err = run_cli_quietly(_estimate(tiny_model_dir, sample_text_file, store, tmp_path / "first", seed=0, budget=20))
     assert code == 0, err
     before = _stored(store, tiny_model_dir)
     assert sum(map(len, before.values())) >= 20
     filler = fill(small_disk, leave)
-    code, err = _run(_estimate(tiny_model_dir, sample_text_file, store, tmp_path / "second", seed=1, budget=400))
+    code, err = run_cli_quietly(_estimate(tiny_model_dir, sample_text_file, store, tmp_path / "second", seed=1, budget=400))
     _one_line(code, err, str(store), "is full")
     filler.unlink()
     after = _stored(store, tiny_model_dir)
@@ -129,13 +116,13 @@ def test_a_full_disk_under_the_saved_model_is_one_line(command, small_disk, tmp_
         calibration = ["--model", tiny_model_dir, "--data", sample_text_file, "--samples", "1", "--seq-len", "8",
                        "--budget", "20", "--store", store]
         argv = ["prune", *calibration, "--ratio", "0.34", "--method", "shapley", *held_out, "--out", out]
-        code, err = _run(["estimate", *calibration, "--out", tmp_path / "estimate"])
+        code, err = run_cli_quietly(["estimate", *calibration, "--out", tmp_path / "estimate"])
         assert code == 0, err
         before = _stored(store, tiny_model_dir)
     else:
         argv = ["quantize", "--model", tiny_model_dir, "--scheme", "int8", *held_out, "--out", out]
     fill(small_disk, 64 << 10)  # the weights (about 150 KiB) do not fit
-    code, err = _run(argv)
+    code, err = run_cli_quietly(argv)
     _one_line(code, err, str(out), "the disk is full")
     if command == "prune":
         after = _stored(store, tiny_model_dir)

@@ -10,12 +10,10 @@ past a check.
 
 from __future__ import annotations
 
-import io
 import os
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
-from conftest import error_lines
+from conftest import error_lines, run_cli_quietly
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
@@ -33,22 +31,9 @@ ODD_BYTES = st.one_of(st.binary(max_size=400), st.sampled_from([b"", b"\xff\xfe\
                                                                 b"\r\n" * 50]))
 
 
-def _run(argv) -> tuple[int, str]:
-    from layershap.cli.app import main
-
-    err = io.StringIO()
-    with redirect_stdout(io.StringIO()), redirect_stderr(err):
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            return code, err.getvalue()
-    return 0, err.getvalue()
-
-
 def _check(argv) -> int:
     """The exit code, after checking it is 0, or 2 with one line of error and no traceback."""
-    code, err = _run(argv)
+    code, err = run_cli_quietly(argv)
     assert "Traceback" not in err, (argv, err)
     assert code in (0, 2), (argv, code, err)
     if code == 2:
@@ -251,7 +236,7 @@ def test_out_cannot_be_the_model_being_read(command, tmp_path, tiny_model_dir, s
     for out in (model, tmp_path / "." / "model", f"{model}/"):
         argv = [command, "--model", model, *cheap, "--eval-data", sample_text_file, "--eval-samples", "1",
                 "--eval-seq-len", "8", "--out", out]
-        code, err = _run(argv)
+        code, err = run_cli_quietly(argv)
         assert code == 2 and "Traceback" not in err, (argv, err)
         (line,) = error_lines(err)
         assert "is the model being read" in line
@@ -265,6 +250,6 @@ def test_a_batch_size_below_one_is_one_line(batch_size, tmp_path, tiny_model_dir
     windows = ["--data", sample_text_file, "--samples", "1", "--seq-len", "8"]
     for argv in (["ppl", *windows], ["estimate", *windows, "--out", tmp_path / "e"],
                  ["prune", *windows, "--ratio", "0.34", "--method", "last", "--out", tmp_path / "p"]):
-        code, err = _run([*argv, "--model", tiny_model_dir, "--batch-size", batch_size])
+        code, err = run_cli_quietly([*argv, "--model", tiny_model_dir, "--batch-size", batch_size])
         expected = f"layershap: error: Invalid value for '--batch-size': must be at least 1; got {batch_size}"
         assert code == 2 and error_lines(err) == [expected], (argv, err)
