@@ -206,7 +206,7 @@ def test_compare_includes_repaired_variants(tiny_model_dir, long_text_file, tmp_
     out = tmp_path / "cmpr"
     code, _, err = run_cli(["compare", "--model", tiny_model_dir, "--data", long_text_file, "--eval-data",
                             long_text_file, "--ratios", "0.34", "--methods", "shortgpt", "--repair",
-                            "scale,replaceme-lstsq", "--repair-samples", "4", *CLI_WINDOWS, "--out", out], capsys)
+                            "auto,replaceme-lstsq", "--repair-samples", "4", *CLI_WINDOWS, "--out", out], capsys)
     assert code == 0, err
     rows = {row["method"]: row for row in json.loads((out / "compare.json").read_text())["rows"]}
     assert set(rows) == {"dense", "shortgpt", "shortgpt+repair:scale", "shortgpt+repair:replaceme-lstsq"}

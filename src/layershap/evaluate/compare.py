@@ -168,10 +168,12 @@ def compare_methods(model, tokenizer, *, methods: Sequence[str], ratios: Sequenc
     check_budgets([m for m in methods if granularity == "block" or m != "shapley"], settings, n)
     repairs = [r for r in dict.fromkeys(repairs) if r != "none"]
     if repairs:
-        from layershap.transform.repair import check_repairable
+        from layershap.transform.repair import check_repairable, resolve_repair
 
         if granularity != "block":
             raise LayershapError("--repair with --granularity sublayer is not supported; compare block plans")
+        # auto as prune means it (rows are named by the recipe that ran)
+        repairs = [r for r in dict.fromkeys(resolve_repair(model, r)[0] for r in repairs) if r != "none"]
         for recipe in repairs:
             check_repairable(model, recipe)
     quantize = list(dict.fromkeys(quantize))
