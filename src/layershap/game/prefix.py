@@ -34,6 +34,12 @@ def visiting_order(masks: np.ndarray) -> np.ndarray:
     return np.lexsort(keys.T[::-1])
 
 
+def state_bytes(model, tokens: torch.Tensor) -> int:
+    """Bytes of one hidden state over all of `tokens`, in the model's dtype: what each cached state costs."""
+    hidden = getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)
+    return tokens.numel() * hidden * next(model.parameters()).element_size()
+
+
 def supports_prefix_sharing(model) -> bool:
     return architecture_of(model).prefix_sharing
 
@@ -66,11 +72,9 @@ class PrefixSharingEvaluator:
         self.blocks_run = 0
         self._states: dict[int, list[torch.Tensor | None]] = {}
         self._path: np.ndarray | None = None
-        hidden = getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)
-        weight = next(model.parameters())
-        per_depth = tokens.numel() * hidden * weight.element_size()
+        per_depth = state_bytes(model, tokens)
         if max_cache_bytes is None:
-            max_cache_bytes = cache_budget_bytes(weight.device)
+            max_cache_bytes = cache_budget_bytes(next(model.parameters()).device)
         self.enabled = supports_prefix_sharing(model) and per_depth * (self.n + 1) <= max_cache_bytes
 
     def nlls(self, masks: np.ndarray, on_result: Callable[[int, float], None] | None = None) -> np.ndarray:

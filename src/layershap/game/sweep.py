@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from layershap.game.nll import BatchLoss, batch_nll
-from layershap.game.prefix import cache_budget_bytes
+from layershap.game.prefix import cache_budget_bytes, state_bytes
 from layershap.models.architectures import architecture_of
 from layershap.models.layers import block_list, keep_only
 
@@ -61,10 +61,8 @@ class BlockSweep:
         self.loss = loss
         self.n = len(block_list(model))
         self.blocks_run = 0
-        weight = next(model.parameters())
-        self.device = weight.device
-        hidden = getattr(model.config, "hidden_size", 0)
-        per_mask = max(1, tokens.numel() * hidden * weight.element_size())
+        self.device = next(model.parameters()).device
+        per_mask = max(1, state_bytes(model, tokens))
         budget = max_state_bytes if max_state_bytes is not None else cache_budget_bytes(self.device)
         self.chunk = max(1, budget // per_mask)
         self._calls: list[tuple[torch.Tensor, list[tuple[tuple, dict]]]] | None = None
