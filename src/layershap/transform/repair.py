@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from layershap.errors import LayershapError
-from layershap.game.nll import batch_nll, mean_nll
+from layershap.game.nll import mean_nll
 from layershap.models.architectures import architecture_of
 from layershap.models.layers import block_list, keep_only, normalise_layer_list
 from layershap.plan.cost import Cost
@@ -330,12 +330,13 @@ def _installed(blocks, fits: list[CutFit]):
 
 
 def _on_hidden(change):
-    """A forward pre-hook that replaces a block's input hidden states (positional or `hidden_states=`) by
-    `change(hidden)`."""
+    """A forward pre-hook that replaces a block's input hidden states (positional, `hidden_states=` or, in
+    families that name it so, `hidden=`) by `change(hidden)`."""
     def hook(module, args, kwargs):
         if args:
             return (change(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": change(kwargs["hidden_states"])}
+        key = "hidden_states" if "hidden_states" in kwargs else "hidden"
+        return args, {**kwargs, key: change(kwargs[key])}
 
     return hook
 
@@ -414,40 +415,23 @@ def _resumed(model, run: list[int], states: list[torch.Tensor], tokens: torch.Te
     built as in the plain path (`game/prefix.py` resumes the same way) and the results are the plain path's
     bit for bit."""
     blocks = block_list(model)
-    device = next(model.parameters()).device
-    batch = 0
+    feed = iter(states)  # block run[0] is entered once per batch, in order
+    inject = _on_hidden(lambda _hidden: next(feed))
     out: list[torch.Tensor] = []
-
-    def inject(module, args, kwargs):
-        if args:
-            return (states[batch], *args[1:]), kwargs
-        key = "hidden_states" if "hidden_states" in kwargs else "hidden"
-        return args, {**kwargs, key: states[batch]}
 
     def grab(module, args, kwargs, output):
         out.append((output[0] if isinstance(output, (tuple, list)) else output).detach())
         raise _Stop
 
-    handles = [blocks[run[0]].register_forward_pre_hook(inject, with_kwargs=True)]
-    if not to_head:
-        handles.append(blocks[run[-1]].register_forward_hook(grab, with_kwargs=True))
-    total, count = 0.0, 0
-    try:
-        with keep_only(model, run), torch.inference_mode():
-            for batch, start in enumerate(range(0, tokens.shape[0], batch_size)):
-                ids = tokens[start:start + batch_size].to(device)
-                if to_head:
-                    summed, scored = batch_nll(model, ids, start)
-                    total, count = total + summed, count + scored
-                    continue
-                try:
-                    model(input_ids=ids, use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total / count if to_head else out
+    with keep_only(model, run):
+        if to_head:
+            handle = blocks[run[0]].register_forward_pre_hook(inject, with_kwargs=True)
+            try:
+                return mean_nll(model, tokens, batch_size=batch_size)
+            finally:
+                handle.remove()
+        _capture(model, tokens, batch_size, [(blocks[run[0]], "pre", inject), (blocks[run[-1]], "post", grab)])
+    return out
 
 
 def _pruned_activations(model, cut: Cut, tokens: torch.Tensor, batch_size: int, with_mlp: bool):
@@ -538,8 +522,11 @@ def fit_and_judge(model, removed: Sequence[int], tokens: torch.Tensor, recipe_na
                               starts=[cuts[0].start] if resumable else ())
     if resumable and cuts[0].start not in dense.entering:
         raise ValueError(f"dense streams lack the stream entering block {cuts[0].start} (give it in starts=)")
-    nll = (_fit_resumed(model, recipe, cuts, keep, tokens, batch_size, dense, repair, judge) if resumable else
-           _fit_plain(model, recipe, cuts, keep, tokens, batch_size, dense, repair))
+    nll = None
+    if resumable:
+        nll = _fit_resumed(model, recipe, cuts, keep, tokens, batch_size, dense, repair, judge)
+    else:
+        _fit_plain(model, recipe, cuts, keep, tokens, batch_size, dense, repair)
     if judge and nll is None:
         nll = _plain_judgement(model, removed, repair, tokens, batch_size)
     repair.seconds = time.perf_counter() - started
@@ -600,9 +587,7 @@ def _fit_resumed(model, recipe, cuts, keep, tokens, batch_size, dense, repair, j
     from the last cut's corrected stream (None where the last run ends the stack: no block to resume into)."""
     states = dense.entering[cuts[0].start]  # = the pruned stream entering the first cut
     position = cuts[0].after  # the kept block whose input `states` is
-    for j, cut in enumerate(cuts):
-        if recipe.kind == "none":
-            break
+    for j, cut in enumerate(cuts if recipe.kind != "none" else []):  # none: judged from the first cut on
         fit = _unfitted(recipe, cut)
         if fit is not None:  # the last run ends the stack
             repair.fits.append(fit)
