@@ -7,6 +7,7 @@ tokens of the packaged Wikipedia sample from character 100,000. Windows without 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -36,6 +37,14 @@ def calibration_windows(tokenizer, start: int = 0, samples: int = 8, seq_len: in
 def scratch_store(path: str | None) -> Path:
     """A fresh store (so forward passes are counted honestly) unless one is given to reuse."""
     return Path(path) if path else Path(tempfile.mkdtemp(prefix="layershap-bench-")) / "store.sqlite"
+
+
+def geometric_mean(values) -> float:
+    """The races' summary of perplexities over genres; inf when any of them is (a diverged model)."""
+    values = list(values)
+    if any(not math.isfinite(v) for v in values):
+        return math.inf
+    return float(math.exp(sum(math.log(v) for v in values) / len(values)))
 
 
 def write_result(path: str | None, result: dict) -> None:

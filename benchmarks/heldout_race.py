@@ -38,12 +38,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
-from _setup import write_result
+from _setup import geometric_mean, write_result
 
 import layershap
 from layershap.data.windows import PACKAGED_TEXTS, mixture_texts, text_windows
@@ -73,13 +72,6 @@ def is_layershap(method: str) -> bool:
 
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-
-
-def geometric_mean(values) -> float:
-    values = [v for v in values]
-    if any(not math.isfinite(v) for v in values):
-        return math.inf
-    return float(math.exp(sum(math.log(v) for v in values) / len(values)))
 
 
 class HeldOut:

@@ -29,11 +29,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
+from _setup import geometric_mean
 
 import layershap
 from layershap.data.windows import PACKAGED_TEXTS, text_windows
@@ -51,13 +51,6 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 RIVALS = ("angular", "shortgpt", "sleb", "shapley")
 CHANCE = {"piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "winogrande": 0.5,
           "boolq": 0.5, "openbookqa": 0.25}
-
-
-def geometric_mean(values) -> float:
-    values = list(values)
-    if any(not math.isfinite(v) for v in values):
-        return math.inf
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def recorded_plans(path: Path) -> dict:

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _setup import write_result
+from _setup import geometric_mean, write_result
 
 import layershap
 from layershap.data.windows import PACKAGED_TEXTS, text_windows
@@ -51,13 +50,6 @@ from layershap.plan.methods._sublayers import sublayer_record
 from layershap.plan.sublayer import blocks_for_parameter_ratio, select_sublayers, sublayer_mask_of_blocks
 
 CACHE = Path(__file__).parent / ".cache" / "sublayers"
-
-
-def geometric_mean(values) -> float:
-    values = list(values)
-    if any(not math.isfinite(v) for v in values):
-        return math.inf
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def kv_bytes_per_token(model, mask) -> int:
