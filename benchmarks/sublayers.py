@@ -42,6 +42,7 @@ from _setup import geometric_mean, write_result
 import layershap
 from layershap.data.windows import PACKAGED_TEXTS, text_windows
 from layershap.estimate.pipeline import EstimateSettings
+from layershap.evaluate.bench import kv_cache_per_token
 from layershap.game.nll import perplexity
 from layershap.models.layers import num_layers
 from layershap.models.sublayers import block_parameters, keep, sublayer_parameters
@@ -53,12 +54,11 @@ CACHE = Path(__file__).parent / ".cache" / "sublayers"
 
 
 def kv_bytes_per_token(model, mask) -> int:
-    """Float16 keys and values cached per token by the attentions the plan keeps."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    kept_attentions = int(np.asarray(mask, dtype=bool).reshape(-1, 2)[:, 0].sum())
-    return kept_attentions * 2 * kv_heads * head_dim * 2
+    """Float16 keys and values cached per token by the attentions the plan keeps: `layershap bench`'s count
+    (`kv_cache_per_token`), read with the plan applied, at 2 bytes an element instead of the model's own."""
+    with keep(model, mask):
+        in_model_dtype = kv_cache_per_token(model)["kv_cache_bytes_per_token"]
+    return in_model_dtype * 2 // next(model.parameters()).element_size()
 
 
 def cost_fields(plan) -> dict:
@@ -151,8 +151,7 @@ def main() -> None:
             seconds = time.perf_counter() - started
             mask = np.ones(2 * n, dtype=bool)
             mask[plan.remove] = False
-            out = {"method": "shapley-sublayer" if method == "shapley" else method, "granularity": "sublayer",
-                   "ratio": ratio, "removed": plan.details["removed_sublayers"], **cost_fields(plan),
+            out = {"method": "shapley-sublayer" if method == "shapley" else method, "ratio": ratio, "removed": plan.details["removed_sublayers"], **cost_fields(plan),
                    "seconds": round(seconds, 1), "calibration_ppl": plan.details.get("measured_calibration_ppl"),
                    **judged(mask)}
             if "block_plan" in plan.details:
@@ -169,9 +168,9 @@ def main() -> None:
                 settings = EstimateSettings(seed=draw, budget=args.budget, target_removed=k)
                 plan = select_layers(method, model, calibration, k, seed=draw, store=store, settings=settings)
                 remove, fields = plan.remove, cost_fields(plan)
-            return {"method": f"{method}-block", "granularity": "block", "ratio": ratio, "k": k,
-                    "removed": [int(i) for i in remove], **fields, "seconds": round(time.perf_counter() - started, 1),
-                    **judged(sublayer_mask_of_blocks(n, remove))}
+            return {"method": f"{method}-block", "ratio": ratio, "k": k, "removed": [int(i) for i in remove], **fields,
+                    "seconds": round(time.perf_counter() - started, 1), **judged(sublayer_mask_of_blocks(n, remove)),
+                    "granularity": "block"}  # after judged(): its parameter record says "sublayer"
 
         sublayer_rivals = [m for m in args.sublayer_rivals.split(",") if m]
         for ratio in ratios:
